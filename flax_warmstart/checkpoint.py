@@ -1,0 +1,245 @@
+"""Finding an Orbax checkpoint, reading its metadata, restoring chosen tensors.
+
+A checkpoint location may be a `CheckpointManager` root (its latest finalized
+step is used), a step directory (one or several items), or a checkpoint
+directory written by `StandardCheckpointer` / `PyTreeCheckpointer`. Metadata
+(names, shapes, dtypes) is read first; `restore` then reads only the tensors
+asked for, each placed directly with the sharding it is asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from flax_warmstart.errors import WarmStartError
+from flax_warmstart.naming import Variable, flatten_checkpoint_tree
+
+_STEP_NAME = re.compile(r"^(?:.*_)?(\d+)$")
+_ITEM_FILE = "_METADATA"
+# Item names tried, in order, when a step directory holds several PyTree items.
+_PREFERRED_ITEMS = ("default", "state", "train_state")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Checkpoint:
+  """A located Orbax checkpoint and its metadata; no array has been read.
+
+  Attributes:
+    path: The item directory that Orbax reads.
+    requested: The location the user gave.
+    step: The training step, when the location names one (a manager step).
+    variables: Checkpoint name -> `Variable` (shape, dtype), in tree order.
+    tree: The checkpoint's metadata tree.
+  """
+
+  path: epath.Path
+  requested: str
+  step: int | None
+  variables: Mapping[str, Variable]
+  tree: Any
+
+  def describe(self) -> str:
+    """`path` plus the step, for messages: `/runs/old/20 (step 20)`."""
+    return f"{self.path} (step {self.step})" if self.step is not None else str(self.path)
+
+
+def load_checkpoint(
+  location: str | os.PathLike,
+  *,
+  item: str | None = None,
+  prefer_names: Iterable[str] = (),
+) -> Checkpoint:
+  """Locates a checkpoint and reads its metadata (names, shapes, dtypes).
+
+  Args:
+    location: A `CheckpointManager` root, a step directory or a checkpoint
+      directory.
+    item: The item to read in a step directory with several items.
+    prefer_names: Names of the live state; with several candidate items and no
+      `item`, the item holding most of these names is read.
+
+  Returns:
+    The `Checkpoint`.
+
+  Raises:
+    WarmStartError: If no checkpoint is found, or the item is ambiguous.
+  """
+  requested = os.fspath(location)
+  path, step = locate(requested)
+  items = _item_dirs(path) if not _is_item(path) else []
+  if _is_item(path):
+    if item is not None and path.name != item:
+      raise WarmStartError(
+        f"ckpt_item={item!r} was asked for, but {requested} is a single checkpoint"
+        " directory, not a step directory with items. Drop ckpt_item."
+      )
+    return _read(path, requested, step)
+  by_name = {p.name: p for p in items}
+  if item is not None:
+    if item not in by_name:
+      raise WarmStartError(
+        f"No item {item!r} in checkpoint step {path}; its items are {sorted(by_name)}. Set ckpt_item to one of them."
+      )
+    return _read(by_name[item], requested, step)
+  if len(items) == 1:
+    return _read(items[0], requested, step)
+  candidates = [_read(p, requested, step) for p in items]
+  prefer = set(prefer_names)
+  scores = {c.path.name: len(prefer & set(c.variables)) for c in candidates}
+  best = max(scores.values())
+  winners = [c for c in candidates if scores[c.path.name] == best]
+  if len(winners) > 1:
+    named = [c for c in winners if c.path.name in _PREFERRED_ITEMS]
+    winners = sorted(named, key=lambda c: _PREFERRED_ITEMS.index(c.path.name))[:1] or winners
+  if len(winners) == 1:
+    return winners[0]
+  raise WarmStartError(
+    f"Checkpoint step {path} holds several items ({sorted(by_name)}) and none"
+    " matches the state better than the others. Name the one to read with"
+    " WarmStartSettings(ckpt_item=...)."
+  )
+
+
+def locate(location: str | os.PathLike) -> tuple[epath.Path, int | None]:
+  """Resolves a location to a checkpoint directory (a manager root to its latest step).
+
+  Returns:
+    `(directory, step)`; `step` is None when the location names none.
+
+  Raises:
+    WarmStartError: Saying what was looked for, if there is no checkpoint.
+  """
+  requested = os.fspath(location)
+  path = epath.Path(requested)
+  if not path.exists():
+    raise WarmStartError(
+      f"No checkpoint at {requested}: the path does not exist. Give an Orbax"
+      " CheckpointManager directory, a step directory or a checkpoint directory."
+    )
+  if not path.is_dir():
+    raise WarmStartError(
+      f"No checkpoint at {requested}: it is a file. Give the checkpoint's directory (perhaps {path.parent})."
+    )
+  if _is_item(path) or _item_dirs(path):
+    return path, _step_of(path)
+  steps = _step_dirs(path)
+  if steps:
+    step, step_dir = max(steps)
+    return step_dir, step
+  listing = sorted(p.name for p in path.iterdir())[:10]
+  raise WarmStartError(
+    f"No Orbax checkpoint found at {requested}. Looked for a checkpoint directory"
+    f" (with a {_ITEM_FILE} file), a step directory (with item directories such as"
+    " default/), and a CheckpointManager root (with finalized numbered step"
+    f" directories); found {listing or 'an empty directory'}."
+  )
+
+
+def _is_item(path: epath.Path) -> bool:
+  return (path / _ITEM_FILE).exists()
+
+
+def _item_dirs(path: epath.Path) -> list[epath.Path]:
+  return sorted((p for p in path.iterdir() if p.is_dir() and _is_item(p)), key=lambda p: p.name)
+
+
+def _step_of(path: epath.Path) -> int | None:
+  for p in (path, path.parent):
+    match = _STEP_NAME.match(p.name)
+    if match:
+      return int(match.group(1))
+  return None
+
+
+def _step_dirs(path: epath.Path) -> list[tuple[int, epath.Path]]:
+  steps = []
+  for p in path.iterdir():
+    match = _STEP_NAME.match(p.name)
+    if not match or not p.is_dir() or ocp.path.step.is_tmp_checkpoint(p):
+      continue
+    if (_is_item(p) or _item_dirs(p)) and ocp.path.step.is_checkpoint_finalized(p):
+      steps.append((int(match.group(1)), p))
+  return steps
+
+
+def _read(path: epath.Path, requested: str, step: int | None) -> Checkpoint:
+  metadata = ocp.PyTreeCheckpointHandler().metadata(path)
+  tree = getattr(metadata, "item_metadata", metadata)
+  tree = getattr(tree, "tree", tree)
+  variables = {v.name: v for v, _ in flatten_checkpoint_tree(tree)}
+  return Checkpoint(path=path, requested=requested, step=step, variables=variables, tree=tree)
+
+
+def restore(checkpoint: Checkpoint, targets: Mapping[str, jax.ShapeDtypeStruct | None]) -> dict[str, Any]:
+  """Reads only the named tensors of a checkpoint.
+
+  Args:
+    checkpoint: From `load_checkpoint`.
+    targets: Checkpoint name -> a `jax.ShapeDtypeStruct` with a sharding (the
+      tensor is restored as a `jax.Array` with that sharding and dtype, read
+      shard by shard), or None (restored as a host numpy array).
+
+  Returns:
+    Checkpoint name -> restored value.
+  """
+  if not targets:
+    return {}
+  meta_leaves, treedef = jax.tree_util.tree_flatten(checkpoint.tree)
+  item = [ocp.PLACEHOLDER] * len(meta_leaves)
+  args: list[ocp.RestoreArgs] = [ocp.RestoreArgs()] * len(meta_leaves)
+  for name, spec in targets.items():
+    index = checkpoint.variables[name].index
+    meta = meta_leaves[index]
+    if spec is not None and isinstance(meta, ocp.metadata.ArrayMetadata):
+      item[index] = spec
+      args[index] = ocp.ArrayRestoreArgs(sharding=spec.sharding, dtype=spec.dtype, global_shape=spec.shape)
+    else:
+      item[index] = meta
+      args[index] = ocp.RestoreArgs(restore_type=np.ndarray)
+  restored = ocp.PyTreeCheckpointHandler().restore(
+    checkpoint.path,
+    args=ocp.args.PyTreeRestore(
+      item=jax.tree_util.tree_unflatten(treedef, item),
+      restore_args=jax.tree_util.tree_unflatten(treedef, args),
+    ),
+  )
+  values = jax.tree_util.tree_leaves(restored)
+  return {name: values[checkpoint.variables[name].index] for name in targets}
+
+
+def list_variables(location: str | os.PathLike, *, item: str | None = None) -> list[tuple[str, tuple[int, ...]]]:
+  """Lists a checkpoint's names and shapes, like `tf.train.list_variables`.
+
+  Names follow the naming contract (see `flax_warmstart.variable_names`), so
+  they are the names that `WarmStartSettings` refers to. Reads metadata only.
+
+  Args:
+    location: A `CheckpointManager` root (latest step), a step directory or a
+      checkpoint directory.
+    item: The item to list in a step directory with several items.
+
+  Returns:
+    Sorted `(name, shape)` pairs.
+
+  Raises:
+    WarmStartError: If no checkpoint is found at `location`.
+
+  Examples:
+    >>> import tempfile, jax.numpy as jnp, orbax.checkpoint as ocp
+    >>> path = tempfile.mkdtemp() + "/ckpt"
+    >>> with ocp.StandardCheckpointer() as ckptr:
+    ...   ckptr.save(path, {"params": {"w": jnp.ones((2, 3))}})
+    >>> list_variables(path)
+    [('w', (2, 3))]
+  """
+  checkpoint = load_checkpoint(location, item=item)
+  return sorted((v.name, v.shape) for v in checkpoint.variables.values())

@@ -1,0 +1,62 @@
+"""The error type of the library and helpers that make its messages useful."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+
+
+class WarmStartError(ValueError):
+  """A warm-start request that cannot be carried out as asked.
+
+  Raised before any array is read from the checkpoint. It lists every problem
+  of the request at once (one per line), each naming the variable, the
+  checkpoint, what was expected and what was found, and how to fix it.
+
+  Attributes:
+    problems: One message per problem, in the order they were found.
+
+  Examples:
+    >>> err = WarmStartError(["'dense/kernel' is missing"], header="Cannot warm-start")
+    >>> isinstance(err, ValueError), err.problems
+    (True, ("'dense/kernel' is missing",))
+  """
+
+  def __init__(self, problems: Sequence[str] | str, *, header: str = "") -> None:
+    if isinstance(problems, str):
+      problems = [problems]
+    self.problems = tuple(problems)
+    self.header = header
+    if len(self.problems) == 1 and not header:
+      message = self.problems[0]
+    else:
+      count = f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}"
+      lines = [f"{header}: {count}" if header else count]
+      lines += [f"  - {p}" for p in self.problems]
+      message = "\n".join(lines)
+    super().__init__(message)
+
+
+def closest_names(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
+  """Returns up to `n` candidates that look most like `name` (difflib).
+
+  Examples:
+    >>> closest_names("encoder/kernal", ["encoder/kernel", "head/b"])
+    ['encoder/kernel']
+  """
+  candidates = list(candidates)
+  found = difflib.get_close_matches(name, candidates, n=n, cutoff=0.6)
+  if not found:
+    # Fall back to the last path component, which is where typos usually are
+    # in long slash-joined names.
+    leaf = name.rsplit("/", 1)[-1]
+    found = [c for c in candidates if c.rsplit("/", 1)[-1] == leaf][:n]
+  return found
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+  """A ' Closest names: ...' suffix for an error message, or ''."""
+  found = closest_names(name, candidates)
+  if not found:
+    return ""
+  return " Closest names: " + ", ".join(repr(f) for f in found) + "."

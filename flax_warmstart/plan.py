@@ -1,0 +1,292 @@
+"""The warm-start plan: one decided action per leaf of the live state.
+
+A plan is built from names and metadata only, validated as a whole (every
+problem of the request is reported at once, before any array is read), and
+then executed by `flax_warmstart.warm_start`. `WarmStartSettings` and, later,
+assignment maps are two ways to build the same kind of plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from flax_warmstart.checkpoint import Checkpoint
+from flax_warmstart.errors import WarmStartError, did_you_mean
+from flax_warmstart.naming import Variable
+from flax_warmstart.settings import VocabInfo, WarmStartSettings
+
+logger = logging.getLogger("flax_warmstart")
+
+Action = Literal["copy", "remap", "keep"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+  """What happens to one leaf of the live state.
+
+  Attributes:
+    name: The leaf's name under the naming contract.
+    action: `"copy"` (from checkpoint tensor `source`), `"remap"` (from
+      `source` through `vocab_info`) or `"keep"` (the current value stays).
+    reason: Which setting decided the action, in words.
+    source: The checkpoint name read, or None for `keep`.
+    shape: Shape of the live leaf.
+    dtype: Dtype of the live leaf.
+    source_shape: Shape of the checkpoint tensor, or None.
+    source_dtype: Dtype of the checkpoint tensor (cast to `dtype` if different).
+    vocab_info: For `remap`, the `VocabInfo`.
+
+  Examples:
+    >>> import numpy as np
+    >>> row = LeafPlan("dense/kernel", "copy", "selected", source="dense/kernel",
+    ...                shape=(2, 2), dtype=np.dtype("float32"),
+    ...                source_shape=(2, 2), source_dtype=np.dtype("float32"))
+    >>> row.cast, row.nbytes
+    (False, 16)
+  """
+
+  name: str
+  action: Action
+  reason: str
+  source: str | None = None
+  shape: tuple[int, ...] = ()
+  dtype: np.dtype | None = None
+  source_shape: tuple[int, ...] | None = None
+  source_dtype: np.dtype | None = None
+  vocab_info: VocabInfo | None = None
+
+  @property
+  def cast(self) -> bool:
+    """Whether the checkpoint's dtype differs from the live leaf's."""
+    return self.source_dtype is not None and self.source_dtype != self.dtype
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes read from the checkpoint for this leaf (0 for `keep`)."""
+    if self.action == "keep" or self.source_shape is None or self.source_dtype is None:
+      return 0
+    return int(np.prod(self.source_shape, dtype=np.int64)) * self.source_dtype.itemsize
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class WarmStartPlan:
+  """A validated warm start: one `LeafPlan` per leaf, in the state's order.
+
+  Attributes:
+    checkpoint: The checkpoint the plan reads from (metadata only).
+    leaves: One `LeafPlan` per leaf of the live state.
+    settings: The settings the plan was built from.
+
+  Examples:
+    >>> import tempfile, jax.numpy as jnp, orbax.checkpoint as ocp
+    >>> import flax_warmstart as fws
+    >>> path = tempfile.mkdtemp() + "/ckpt"
+    >>> with ocp.StandardCheckpointer() as ckptr:
+    ...   ckptr.save(path, {"w": jnp.ones((4,)), "b": jnp.ones(())})
+    >>> p = fws.plan({"w": jnp.zeros((4,)), "b": jnp.zeros(())}, path,
+    ...              fws.WarmStartSettings(path, vars_to_warm_start="w"))
+    >>> [leaf.name for leaf in p.loaded], p.nbytes
+    (['w'], 16)
+    >>> print(p.summary())  # doctest: +ELLIPSIS
+    1 of 2 leaves from .../ckpt, 16 B to read; 1 kept
+  """
+
+  checkpoint: Checkpoint
+  leaves: tuple[LeafPlan, ...]
+  settings: WarmStartSettings
+
+  @property
+  def loaded(self) -> tuple[LeafPlan, ...]:
+    """The leaves whose value comes from the checkpoint."""
+    return tuple(leaf for leaf in self.leaves if leaf.action != "keep")
+
+  @property
+  def nbytes(self) -> int:
+    """Total bytes read from the checkpoint."""
+    # A tensor feeding several leaves is read once.
+    return sum({leaf.source: leaf.nbytes for leaf in self.loaded}.values())
+
+  def summary(self) -> str:
+    """One line: how many leaves come from where, and the bytes read."""
+    kept = len(self.leaves) - len(self.loaded)
+    return (
+      f"{len(self.loaded)} of {len(self.leaves)} leaves from"
+      f" {self.checkpoint.describe()}, {_human_bytes(self.nbytes)} to read; {kept} kept"
+    )
+
+  def __str__(self) -> str:
+    rows = [("name", "action", "source", "shape", "dtype", "reason")]
+    for leaf in self.leaves:
+      dtype = str(leaf.dtype) if not leaf.cast else f"{leaf.source_dtype}->{leaf.dtype}"
+      source = "" if leaf.source in (None, leaf.name) else leaf.source
+      rows.append((leaf.name, leaf.action, source, str(leaf.shape), dtype, leaf.reason))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows]
+    return "\n".join([self.summary(), *lines])
+
+
+def _human_bytes(n: int) -> str:
+  size = float(n)
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if size < 1024 or unit == "GiB":
+      return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+    size /= 1024
+  raise AssertionError("unreachable")
+
+
+def _matcher(pattern: str, problems: list[str]) -> Callable[[str], bool]:
+  """TensorFlow's matching: `re.match` on `name` or on the tensor name `name:0`."""
+  try:
+    regex = re.compile(pattern)
+  except re.error as e:
+    problems.append(f"vars_to_warm_start regex {pattern!r} is not a valid regex: {e}.")
+    return lambda name: False
+  return lambda name: bool(regex.match(name) or regex.match(name + ":0"))
+
+
+def select(
+  variables: Sequence[Variable], leaves: Sequence[Any], settings: WarmStartSettings
+) -> tuple[set[str], set[str], list[str]]:
+  """Applies `vars_to_warm_start`.
+
+  Returns:
+    `(warm, grouped, problems)`: the names to warm-start; the names that
+    `var_name_to_prev_var_name` and `var_name_to_vocab_info` may refer to
+    (TensorFlow's grouped variables); and the problems found.
+  """
+  problems: list[str] = []
+  spec = settings.vars_to_warm_start
+  params = {v.name for v in variables if v.kind == "param"}
+  if spec is None or spec == "":
+    # As in TensorFlow: all parameters are grouped, only vocab ones are loaded.
+    return set(settings.var_name_to_vocab_info) & params, params, problems
+  if isinstance(spec, str):
+    match = _matcher(spec, problems)
+    grouped = {name for name in params if match(name)}
+  elif isinstance(spec, tuple):
+    matchers = [_matcher(p, problems) for p in spec]
+    grouped = {v.name for v in variables if any(m(v.name) for m in matchers)}
+  else:
+    grouped = {v.name for v, leaf in zip(variables, leaves, strict=False) if spec(v.name, leaf)}
+  return set(grouped), grouped, problems
+
+
+def build_plan(
+  variables: Sequence[Variable],
+  leaves: Sequence[Any],
+  checkpoint: Checkpoint,
+  settings: WarmStartSettings,
+) -> WarmStartPlan:
+  """Decides one action per leaf and validates the whole request.
+
+  Args:
+    variables: The live state's named leaves (`naming.flatten_state`).
+    leaves: The live state's leaves, in the same order.
+    checkpoint: The checkpoint's metadata.
+    settings: What to warm-start.
+
+  Returns:
+    The plan.
+
+  Raises:
+    WarmStartError: Listing every problem: unused `var_name_to_prev_var_name`
+      or `var_name_to_vocab_info` keys, selected variables missing from the
+      checkpoint, shape mismatches.
+  """
+  warm, grouped, problems = select(variables, leaves, settings)
+  prev = settings.var_name_to_prev_var_name
+  vocab = settings.var_name_to_vocab_info
+  slot_params = {v.param for v in variables if v.kind == "slot" and v.name in grouped}
+
+  for key, old in prev.items():
+    if old and (key in grouped or key in slot_params):
+      continue
+    problems.append(_unused("var_name_to_prev_var_name", key, old, grouped, variables, settings))
+  for key in vocab:
+    if key not in grouped:
+      problems.append(_unused("var_name_to_vocab_info", key, None, grouped, variables, settings))
+
+  ckpt = checkpoint.variables
+  where = checkpoint.describe()
+  rows = []
+  for v in variables:
+    if v.name not in warm:
+      rows.append(LeafPlan(v.name, "keep", "not selected", shape=v.shape, dtype=v.dtype))
+      continue
+    source, renamed = _source_name(v, prev)
+    via = f" (renamed from {v.name!r} by var_name_to_prev_var_name)" if renamed else ""
+    found = ckpt.get(source)
+    if found is None:
+      if settings.skip_missing:
+        rows.append(
+          LeafPlan(
+            v.name, "keep", f"missing from checkpoint as {source!r} (skip_missing)", shape=v.shape, dtype=v.dtype
+          )
+        )
+        continue
+      problems.append(
+        f"{v.name!r}: no tensor {source!r}{via} in checkpoint {where}."
+        f"{did_you_mean(source, ckpt)} Map it with var_name_to_prev_var_name,"
+        " leave it out of vars_to_warm_start, or set skip_missing=True to keep its"
+        " current value."
+      )
+      continue
+    info = vocab.get(v.name)
+    reason = "selected" + (", renamed" if renamed else "")
+    if info is None and found.shape != v.shape:
+      problems.append(
+        f"{v.name!r}: shape {v.shape} in the state, but the checkpoint tensor"
+        f" {source!r}{via} has shape {found.shape}. Leave it out of"
+        " vars_to_warm_start, or give it a VocabInfo if its rows are a vocabulary."
+      )
+      continue
+    rows.append(
+      LeafPlan(
+        v.name,
+        "remap" if info is not None else "copy",
+        reason + (", vocabulary remap" if info is not None else ""),
+        source=source,
+        shape=v.shape,
+        dtype=v.dtype,
+        source_shape=found.shape,
+        source_dtype=found.dtype,
+        vocab_info=info,
+      )
+    )
+  if problems:
+    raise WarmStartError(problems, header=f"Cannot warm-start from {where}")
+  return WarmStartPlan(checkpoint=checkpoint, leaves=tuple(rows), settings=settings)
+
+
+def _source_name(v: Variable, prev: Any) -> tuple[str, bool]:
+  """The checkpoint name of a leaf: its own, or renamed (a slot follows its parameter)."""
+  if prev.get(v.name):
+    return prev[v.name], True
+  if v.kind == "slot" and prev.get(v.param):
+    return f"{prev[v.param]}/{v.slot}", True
+  return v.name, False
+
+
+def _unused(
+  field: str, key: str, old: str | None, grouped: set[str], variables: Sequence[Variable], settings: WarmStartSettings
+) -> str:
+  """The message for a `var_name_to_*` key that names no selected variable."""
+  if field == "var_name_to_prev_var_name" and key in grouped and not old:
+    return f"{field}[{key!r}] is empty: give the checkpoint name to load {key!r} from, or drop the entry."
+  kinds = {v.name: v.kind for v in variables}
+  if key in kinds:
+    why = f"it is in the state but not selected by vars_to_warm_start={settings.vars_to_warm_start!r}"
+    if isinstance(settings.vars_to_warm_start, str) and kinds[key] != "param":
+      why += " (a str regex selects parameters only; use a list of regexes for other leaves)"
+    return f"{field} key {key!r} was not used: {why}. Select it, or drop the entry."
+  return (
+    f"{field} key {key!r} was not used: no variable of the state has that name."
+    f"{did_you_mean(key, kinds)} Perhaps you misspelled it? Names are listed by"
+    " flax_warmstart.variable_names(state)."
+  )

@@ -1,0 +1,175 @@
+"""`WarmStartSettings` and `VocabInfo`: what to warm-start, and from where.
+
+Both are frozen, validated on construction, with TensorFlow's field names and
+defaults (`tf.estimator.WarmStartSettings`, `tf.estimator.VocabInfo`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from flax.core import FrozenDict
+
+from flax_warmstart.errors import WarmStartError
+
+# What `vars_to_warm_start` may be: a regex over parameter names, a list of
+# regexes over every name, a predicate `(name, leaf) -> bool`, or None.
+VarsToWarmStart = str | tuple[str, ...] | Callable[[str, Any], bool] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabInfo:
+  """How to remap the vocabulary rows (or columns) of one variable.
+
+  The fields and their meaning are those of `tf.estimator.VocabInfo`. Naming a
+  variable in `WarmStartSettings.var_name_to_vocab_info` gives it the `remap`
+  action in the plan.
+
+  Attributes:
+    new_vocab: Path of the new vocabulary file, one token per line.
+    new_vocab_size: How many leading lines of `new_vocab` are used.
+    num_oov_buckets: Number of out-of-vocabulary rows after the vocabulary.
+    old_vocab: Path of the vocabulary the checkpoint was trained with.
+    old_vocab_size: `-1` for the whole old file, else its first N lines.
+    backup_initializer: A JAX initializer `(key, shape, dtype) -> Array` for
+      rows with no old counterpart; `None` means zeros.
+    axis: 0 if rows are vocabulary entries (an embedding), 1 if columns are
+      (a softmax kernel).
+
+  Examples:
+    >>> info = VocabInfo("new.txt", new_vocab_size=5, num_oov_buckets=1,
+    ...                  old_vocab="old.txt")
+    >>> info.axis, info.old_vocab_size
+    (0, -1)
+  """
+
+  new_vocab: str | os.PathLike
+  new_vocab_size: int
+  num_oov_buckets: int
+  old_vocab: str | os.PathLike
+  old_vocab_size: int = -1
+  backup_initializer: Callable[..., Any] | None = None
+  axis: int = 0
+
+  def __post_init__(self) -> None:
+    if self.axis not in (0, 1):
+      raise WarmStartError(f"The only supported values for the axis argument are 0 and 1.  Provided axis: {self.axis}")
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmStartSettings:
+  """What to warm-start from which checkpoint: TensorFlow's WarmStartSettings.
+
+  Names follow the naming contract of `flax_warmstart.variable_names`:
+  parameters by their slash-joined path in the params tree
+  (`encoder/dense/kernel`), optimizer slots after their parameter
+  (`encoder/dense/kernel/opt_state/0/mu`), everything else by its path from the
+  root of the state (`batch_stats/bn/mean`, `opt_state/0/count`, `step`).
+
+  Attributes:
+    ckpt_to_initialize_from: An Orbax `CheckpointManager` root (its latest step
+      is used), a step directory, or a checkpoint directory.
+    vars_to_warm_start: Which leaves of the live state to warm-start. As in
+      TensorFlow, a regex is matched with `re.match` (anchored at the start,
+      not at the end); a name is selected when the regex matches `name` or
+      TensorFlow's tensor name `name + ":0"`, so TensorFlow regexes such as
+      `"v2[^/]"` keep working. The forms:
+
+      * `str` (default `".*"`): a regex over *parameter* names only (TF's
+        TRAINABLE collection). Optimizer state, batch statistics and the step
+        are not selected.
+      * a list (or tuple) of `str`: regexes over *every* name, parameters,
+        slots and the rest (TF's GLOBAL collection).
+      * a callable `(name, leaf) -> bool` over every leaf.
+      * `None` or `""`: only the variables in `var_name_to_vocab_info`.
+    var_name_to_vocab_info: Name of a selected parameter -> `VocabInfo`.
+    var_name_to_prev_var_name: Name in the live state -> name in the
+      checkpoint. A parameter's rename carries its optimizer slots. It never
+      changes what is selected; every key must name a selected variable.
+    skip_missing: If True, selected variables absent from the checkpoint keep
+      their current value and are reported (a WARNING log and the plan),
+      instead of failing the whole request.
+    ckpt_item: The item to read when a step directory holds several (e.g.
+      `"state"` of a `CheckpointManager` with `item_names`). By default the
+      only PyTree item, or the one whose names best match the live state.
+
+  Examples:
+    >>> s = WarmStartSettings("/runs/old", vars_to_warm_start=[".*encoder.*"],
+    ...                       var_name_to_prev_var_name={"enc/k": "old/k"})
+    >>> s.vars_to_warm_start, dict(s.var_name_to_prev_var_name)
+    (('.*encoder.*',), {'enc/k': 'old/k'})
+  """
+
+  ckpt_to_initialize_from: str | os.PathLike
+  vars_to_warm_start: VarsToWarmStart = ".*"
+  var_name_to_vocab_info: Mapping[str, VocabInfo] = dataclasses.field(default_factory=FrozenDict)
+  var_name_to_prev_var_name: Mapping[str, str] = dataclasses.field(default_factory=FrozenDict)
+  skip_missing: bool = False
+  ckpt_item: str | None = None
+
+  def __post_init__(self) -> None:
+    problems = []
+    if not self.ckpt_to_initialize_from:
+      problems.append(
+        "`ckpt_to_initialize_from` MUST be set in WarmStartSettings: give the"
+        " directory of the checkpoint to warm-start from."
+      )
+    elif not isinstance(self.ckpt_to_initialize_from, str | os.PathLike):
+      problems.append(
+        "`ckpt_to_initialize_from` must be a path (str or os.PathLike), got"
+        f" {type(self.ckpt_to_initialize_from).__name__}."
+      )
+    object.__setattr__(self, "vars_to_warm_start", _normalize_vars(self.vars_to_warm_start, problems))
+    vocab = _frozen_mapping(self.var_name_to_vocab_info, "var_name_to_vocab_info", problems)
+    for key, info in vocab.items():
+      if not isinstance(info, VocabInfo):
+        problems.append(
+          f"var_name_to_vocab_info[{key!r}] must be a flax_warmstart.VocabInfo, got {type(info).__name__}."
+        )
+    prev = _frozen_mapping(self.var_name_to_prev_var_name, "var_name_to_prev_var_name", problems)
+    for key, value in prev.items():
+      if not isinstance(value, str):
+        problems.append(
+          f"var_name_to_prev_var_name[{key!r}] must be a checkpoint name (str), got {type(value).__name__}."
+        )
+    object.__setattr__(self, "var_name_to_vocab_info", vocab)
+    object.__setattr__(self, "var_name_to_prev_var_name", prev)
+    if self.ckpt_item is not None and not isinstance(self.ckpt_item, str):
+      problems.append(f"`ckpt_item` must be an item name (str) or None, got {self.ckpt_item!r}.")
+    if problems:
+      raise WarmStartError(problems, header="Invalid WarmStartSettings")
+
+
+def _normalize_vars(value: Any, problems: list[str]) -> VarsToWarmStart:
+  """Validates `vars_to_warm_start`; lists become tuples so settings hash."""
+  if value is None or isinstance(value, str) or callable(value):
+    return value
+  if isinstance(value, list | tuple):
+    bad = sorted({type(v).__name__ for v in value if not isinstance(v, str)})
+    if bad:
+      problems.append(
+        "If `vars_to_warm_start` is a list, it must be all `str` (regexes);"
+        f" found {', '.join(bad)}. To select arrays directly, pass a callable"
+        " `(name, leaf) -> bool`."
+      )
+    return tuple(value)
+  problems.append(
+    "`vars_to_warm_start` must be a regex `str`, a `list` of regex `str`, a"
+    f" callable `(name, leaf) -> bool` or None; given type is {type(value).__name__}."
+  )
+  return value
+
+
+def _frozen_mapping(value: Any, field: str, problems: list[str]) -> FrozenDict:
+  if value is None:
+    return FrozenDict()
+  if not isinstance(value, Mapping):
+    problems.append(f"`{field}` must be a mapping of variable names, got {type(value).__name__}.")
+    return FrozenDict()
+  bad = [k for k in value if not isinstance(k, str)]
+  if bad:
+    problems.append(f"`{field}` keys must be variable names (str); got {bad!r}.")
+  return FrozenDict(dict(value))

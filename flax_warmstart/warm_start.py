@@ -1,0 +1,326 @@
+"""`warm_start`: build a plan from settings, then execute it on the live state."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_warmstart import checkpoint as checkpoint_lib
+from flax_warmstart.errors import WarmStartError
+from flax_warmstart.naming import flatten_state, is_nnx_split
+from flax_warmstart.plan import WarmStartPlan, build_plan
+from flax_warmstart.settings import WarmStartSettings
+
+logger = logging.getLogger("flax_warmstart")
+
+State = TypeVar("State")
+CkptOrSettings = str | os.PathLike | WarmStartSettings
+
+
+def _settings(ckpt_or_settings: CkptOrSettings | None, settings: WarmStartSettings | None) -> WarmStartSettings:
+  """Reconciles the call forms `(ckpt)`, `(settings)` and `(ckpt, settings)`."""
+  if isinstance(ckpt_or_settings, WarmStartSettings):
+    if settings is not None:
+      raise WarmStartError(
+        "Pass WarmStartSettings once: warm_start(state, settings) or warm_start(state, ckpt_dir, settings)."
+      )
+    return ckpt_or_settings
+  if settings is not None and not isinstance(settings, WarmStartSettings):
+    raise WarmStartError(f"settings must be a flax_warmstart.WarmStartSettings, got {type(settings).__name__}.")
+  if ckpt_or_settings is None:
+    if settings is None:
+      raise WarmStartError("No checkpoint given: pass a checkpoint directory or a WarmStartSettings.")
+    return settings
+  if not isinstance(ckpt_or_settings, str | os.PathLike):
+    raise WarmStartError(
+      "warm_start's second argument must be a checkpoint directory (str or os.PathLike)"
+      f" or a WarmStartSettings, instead got {type(ckpt_or_settings).__name__}."
+    )
+  if settings is None:
+    return WarmStartSettings(ckpt_to_initialize_from=ckpt_or_settings)
+  if os.fspath(ckpt_or_settings) != os.fspath(settings.ckpt_to_initialize_from):
+    logger.info(
+      "Reading %s, given explicitly, instead of settings.ckpt_to_initialize_from=%s.",
+      os.fspath(ckpt_or_settings),
+      os.fspath(settings.ckpt_to_initialize_from),
+    )
+  return WarmStartSettings(
+    ckpt_to_initialize_from=ckpt_or_settings,
+    vars_to_warm_start=settings.vars_to_warm_start,
+    var_name_to_vocab_info=settings.var_name_to_vocab_info,
+    var_name_to_prev_var_name=settings.var_name_to_prev_var_name,
+    skip_missing=settings.skip_missing,
+    ckpt_item=settings.ckpt_item,
+  )
+
+
+def plan(
+  state: Any, ckpt_or_settings: CkptOrSettings | None = None, settings: WarmStartSettings | None = None
+) -> WarmStartPlan:
+  """Decides what a warm start would do, reading checkpoint metadata only.
+
+  Args:
+    state: The live state (see `warm_start`).
+    ckpt_or_settings: A checkpoint location, or the `WarmStartSettings`.
+    settings: The `WarmStartSettings`, when a location is given first.
+
+  Returns:
+    A `WarmStartPlan`: one action per leaf; `print(plan)` shows it as a table.
+
+  Raises:
+    WarmStartError: Listing every problem of the request.
+
+  Examples:
+    >>> import tempfile, jax.numpy as jnp, orbax.checkpoint as ocp
+    >>> path = tempfile.mkdtemp() + "/ckpt"
+    >>> with ocp.StandardCheckpointer() as ckptr:
+    ...   ckptr.save(path, {"params": {"w": jnp.ones((2,)), "b": jnp.ones(())}})
+    >>> p = plan({"params": {"w": jnp.zeros((2,)), "b": jnp.zeros(())}}, path,
+    ...          WarmStartSettings(path, vars_to_warm_start="w"))
+    >>> [(leaf.name, leaf.action) for leaf in p.leaves]
+    [('b', 'keep'), ('w', 'copy')]
+  """
+  settings = _settings(ckpt_or_settings, settings)
+  variables, leaves, _ = flatten_state(state[1] if is_nnx_split(state) else state)
+  checkpoint = checkpoint_lib.load_checkpoint(
+    settings.ckpt_to_initialize_from,
+    item=settings.ckpt_item,
+    prefer_names=[v.name for v in variables],
+  )
+  return build_plan(variables, leaves, checkpoint, settings)
+
+
+def execute(plan: WarmStartPlan, state: State) -> State:
+  """Carries out a plan: reads what it names and returns the merged state.
+
+  Args:
+    plan: From `flax_warmstart.plan`, for this state's structure.
+    state: The live state; it is not modified.
+
+  Returns:
+    A new state of the same type, structure, shapes, dtypes and shardings.
+
+  Raises:
+    WarmStartError: If the plan was built for a state of other names.
+
+  Examples:
+    >>> import tempfile, jax.numpy as jnp, orbax.checkpoint as ocp
+    >>> path = tempfile.mkdtemp() + "/ckpt"
+    >>> with ocp.StandardCheckpointer() as ckptr:
+    ...   ckptr.save(path, {"w": jnp.ones((2,))})
+    >>> state = {"w": jnp.zeros((2,))}
+    >>> execute(plan(state, path), state)["w"].tolist()
+    [1.0, 1.0]
+  """
+  if is_nnx_split(state):
+    graphdef, inner = state
+    return (graphdef, execute(plan, inner))  # type: ignore[return-value]
+  variables, leaves, treedef = flatten_state(state)
+  if [v.name for v in variables] != [leaf.name for leaf in plan.leaves]:
+    raise WarmStartError(
+      "This plan was built for a state with other variables; build it again with"
+      " flax_warmstart.plan(state, ...) for this state."
+    )
+  loaded = plan.loaded
+  if any(row.action == "remap" for row in loaded):
+    names = [row.name for row in loaded if row.action == "remap"]
+    raise NotImplementedError(
+      f"Vocabulary remapping (var_name_to_vocab_info for {names}) is not available in this"
+      " version of flax_warmstart yet."
+    )
+  targets: dict[str, jax.ShapeDtypeStruct | None] = {}
+  for i, row in enumerate(plan.leaves):
+    if row.action != "keep" and row.source not in targets:
+      targets[row.source] = _restore_spec(leaves[i])
+  restored = checkpoint_lib.restore(plan.checkpoint, targets)
+  new_leaves = [np.array(x) if isinstance(x, np.ndarray) else x for x in leaves]
+  for i, row in enumerate(plan.leaves):
+    if row.action != "keep":
+      new_leaves[i] = _conform(restored[row.source], leaves[i])
+  _log(plan)
+  return jax.tree_util.tree_unflatten(treedef, new_leaves)
+
+
+def _restore_spec(leaf: Any) -> jax.ShapeDtypeStruct | None:
+  """How to read a tensor for this live leaf: sharded like it, or to host."""
+  if isinstance(leaf, jax.Array):
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+  return None
+
+
+def _conform(value: Any, live: Any) -> Any:
+  """Gives a restored value the live leaf's type, dtype and sharding."""
+  if isinstance(live, jax.Array):
+    if not isinstance(value, jax.Array):
+      return jax.device_put(np.asarray(value, dtype=live.dtype), live.sharding)
+    if value.dtype != live.dtype:
+      value = value.astype(live.dtype)
+    if value.sharding != live.sharding:
+      value = jax.device_put(value, live.sharding)
+    return value
+  host = np.asarray(value)
+  if isinstance(live, np.ndarray):
+    return np.array(host, dtype=live.dtype)
+  if isinstance(live, np.generic):
+    return host.astype(live.dtype)[()]
+  if isinstance(live, bool | int | float | complex):
+    return type(live)(host.item())
+  return jnp.asarray(host)
+
+
+def _kind(dtype: np.dtype) -> str:
+  """float, int, bool, complex, or other: bfloat16 is a float, though numpy calls it kind 'V'."""
+  for kind in (jnp.floating, jnp.integer, jnp.bool_, jnp.complexfloating):
+    if jnp.issubdtype(dtype, kind):
+      return kind.__name__
+  return str(dtype)
+
+
+def _log(plan: WarmStartPlan) -> None:
+  logger.info("Warm-started %s.", plan.summary())
+  for row in plan.leaves:
+    if row.action != "keep":
+      logger.debug(
+        "Warm-starting variable: %s; prev_var_name: %s",
+        row.name,
+        row.source if row.source != row.name else "Unchanged",
+      )
+  casts = [row for row in plan.loaded if row.cast]
+  if casts:
+    shown = ", ".join(f"{row.name} ({row.source_dtype}->{row.dtype})" for row in casts[:5])
+    more = f" and {len(casts) - 5} more" if len(casts) > 5 else ""
+    logger.info("Cast %d leaves to the state's dtype: %s%s.", len(casts), shown, more)
+    for row in casts:
+      if _kind(row.source_dtype) != _kind(row.dtype):
+        logger.warning(
+          "Warm-starting %r casts %s to %s, a change of kind that can lose information.",
+          row.name,
+          row.source_dtype,
+          row.dtype,
+        )
+  missing = [row.name for row in plan.leaves if row.action == "keep" and "skip_missing" in row.reason]
+  if missing:
+    logger.warning(
+      "Kept the current value of %d selected leaves missing from %s (skip_missing=True): %s",
+      len(missing),
+      plan.checkpoint.describe(),
+      ", ".join(missing),
+    )
+
+
+def warm_start(
+  state: State,
+  ckpt_or_settings: CkptOrSettings | None = None,
+  settings: WarmStartSettings | None = None,
+) -> State:
+  """Warm-starts a training state from an Orbax checkpoint.
+
+  The JAX counterpart of `tf.compat.v1.train.warm_start`: the selected leaves
+  are read from the checkpoint (renamed by `var_name_to_prev_var_name`, cast to
+  the live dtype, placed with the live sharding); the others keep their value.
+  Nothing is read until the whole request is validated.
+
+  Args:
+    state: A Flax `TrainState` (or subclass, e.g. with `batch_stats`), a Linen
+      variables dict, a params tree (dict or `FrozenDict`), a Flax NNX `State`,
+      or the `(graphdef, state)` pair of `nnx.split`.
+    ckpt_or_settings: A checkpoint location (a `CheckpointManager` root, a
+      step directory or a checkpoint directory), or the `WarmStartSettings`.
+      A location alone warm-starts every parameter (`vars_to_warm_start=".*"`).
+    settings: The `WarmStartSettings`, when a location is given first; the
+      location given here wins over `settings.ckpt_to_initialize_from`.
+
+  Returns:
+    A new state of the same type, tree structure, shapes, dtypes and
+    shardings as `state`; `state` itself is not modified.
+
+  Raises:
+    WarmStartError: (a `ValueError`) listing every problem of the request:
+      no checkpoint at the location, unused `var_name_to_prev_var_name` or
+      `var_name_to_vocab_info` keys, selected variables missing from the
+      checkpoint (with the closest names), shape mismatches.
+
+  Examples:
+    >>> import tempfile, jax.numpy as jnp, orbax.checkpoint as ocp
+    >>> path = tempfile.mkdtemp() + "/ckpt"
+    >>> with ocp.StandardCheckpointer() as ckptr:
+    ...   ckptr.save(path, {"params": {"enc": {"kernel": jnp.ones((2, 2))}}})
+    >>> new = {"params": {"encoder": {"kernel": jnp.zeros((2, 2))},
+    ...                   "head": {"kernel": jnp.zeros((2, 1))}}}
+    >>> settings = WarmStartSettings(
+    ...     path, vars_to_warm_start="encoder",
+    ...     var_name_to_prev_var_name={"encoder/kernel": "enc/kernel"})
+    >>> out = warm_start(new, settings)
+    >>> out["params"]["encoder"]["kernel"].sum().item(), out["params"]["head"]["kernel"].sum().item()
+    (4.0, 0.0)
+  """
+  return execute(plan(state, ckpt_or_settings, settings), state)
+
+
+def has_checkpoint(run_dir: str | os.PathLike) -> bool:
+  """Whether a directory holds a finalized Orbax checkpoint to resume from.
+
+  Args:
+    run_dir: A run's checkpoint directory (usually a `CheckpointManager` root).
+
+  Returns:
+    True if `run_dir` is, or holds, a readable checkpoint.
+
+  Examples:
+    >>> import tempfile
+    >>> has_checkpoint(tempfile.mkdtemp())
+    False
+  """
+  try:
+    checkpoint_lib.locate(run_dir)
+  except WarmStartError:
+    return False
+  return True
+
+
+def warm_start_or_resume(
+  state: State,
+  run_dir: str | os.PathLike,
+  ckpt_or_settings: CkptOrSettings | None = None,
+  settings: WarmStartSettings | None = None,
+) -> State:
+  """Resumes from the run's own checkpoint if it has one, else warm-starts.
+
+  TensorFlow's Estimator warm-starts only when its model directory holds no
+  checkpoint yet, so a restarted job continues from its own progress instead
+  of going back to the old run's weights. This gives a Flax loop the same
+  guard: if `run_dir` holds a checkpoint, every leaf of `state` is restored
+  from its latest step (strictly: all must be there, with the same shapes);
+  otherwise `warm_start(state, ckpt_or_settings, settings)` runs.
+
+  Args:
+    state: The live state, freshly initialised.
+    run_dir: This run's checkpoint directory (its `CheckpointManager` root).
+    ckpt_or_settings: As for `warm_start`: where to warm-start from.
+    settings: As for `warm_start`.
+
+  Returns:
+    The resumed or warm-started state.
+
+  Raises:
+    WarmStartError: As for `warm_start`, or if the run's own checkpoint does
+      not hold every leaf of `state`.
+
+  Examples:
+    >>> import tempfile, jax.numpy as jnp, orbax.checkpoint as ocp
+    >>> old, run = tempfile.mkdtemp() + "/old", tempfile.mkdtemp()
+    >>> with ocp.StandardCheckpointer() as ckptr:
+    ...   ckptr.save(old, {"w": jnp.ones(())})
+    >>> state = warm_start_or_resume({"w": jnp.zeros(())}, run, old)  # run is empty
+    >>> state["w"].item()
+    1.0
+  """
+  if has_checkpoint(run_dir):
+    logger.info("Resuming from %s, which already holds a checkpoint; not warm-starting.", os.fspath(run_dir))
+    return warm_start(state, WarmStartSettings(run_dir, vars_to_warm_start=[".*"]))
+  return warm_start(state, ckpt_or_settings, settings)

@@ -1,0 +1,92 @@
+"""Shared fixtures: 8 CPU devices, tiny real Flax models, real Orbax checkpoints."""
+
+import os
+
+# Must happen before jax is imported anywhere: gives the tests an 8-device CPU
+# mesh to shard over.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+import pytest  # noqa: E402
+from flax.training import train_state  # noqa: E402
+
+
+def save_checkpoint(path, tree):
+  """Writes `tree` as a real Orbax checkpoint (StandardCheckpointer) and waits for it."""
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.fspath(path), tree)
+  return os.fspath(path)
+
+
+def save_manager_step(root, step, tree, **items):
+  """Writes `tree` as step `step` of a CheckpointManager at `root` (plus extra JSON items)."""
+  names = ("state", *items) if items else None
+  with ocp.CheckpointManager(os.fspath(root), item_names=names) as mgr:
+    if items:
+      args = {"state": ocp.args.StandardSave(tree)}
+      args.update({k: ocp.args.JsonSave(v) for k, v in items.items()})
+      mgr.save(step, args=ocp.args.Composite(**args))
+    else:
+      mgr.save(step, args=ocp.args.StandardSave(tree))
+  return os.fspath(root)
+
+
+class MLP(nn.Module):
+  """encoder (Dense) -> head (Dense): the smallest model with a renameable scope."""
+
+  features: int = 4
+  outputs: int = 2
+  encoder_name: str = "encoder"
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(self.features, name=self.encoder_name)(x))
+    return nn.Dense(self.outputs, name="head")(x)
+
+
+class BNMLP(nn.Module):
+  """A Dense + BatchNorm model, for `batch_stats`."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    x = nn.Dense(4, name="encoder")(x)
+    x = nn.BatchNorm(use_running_average=not train, name="bn")(x)
+    return nn.Dense(2, name="head")(x)
+
+
+class BatchStatsState(train_state.TrainState):
+  batch_stats: dict
+
+
+def make_state(model=None, tx=None, seed=0, steps=1):
+  """A TrainState of `model` after `steps` real optimizer updates (so slots are non-zero)."""
+  model = model or MLP()
+  tx = tx or optax.adam(1e-2)
+  x = jnp.ones((2, 3))
+  params = model.init(jax.random.key(seed), x)["params"]
+  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+  def loss(p):
+    return jnp.mean(state.apply_fn({"params": p}, x) ** 2)
+
+  for _ in range(steps):
+    state = state.apply_gradients(grads=jax.grad(loss)(state.params))
+  return state
+
+
+def assert_trees_equal(a, b):
+  """Same structure and bit-identical leaves."""
+  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+    assert jnp.shape(x) == jnp.shape(y)
+    assert jnp.array_equal(jnp.asarray(x), jnp.asarray(y)), (x, y)
+
+
+@pytest.fixture
+def ckpt_dir(tmp_path):
+  return tmp_path / "ckpt"

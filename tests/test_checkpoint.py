@@ -1,0 +1,117 @@
+"""Finding checkpoints and reading only what the plan needs (flax_warmstart/checkpoint.py)."""
+
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import save_checkpoint, save_manager_step
+
+import flax_warmstart as fws
+from flax_warmstart.checkpoint import load_checkpoint, locate
+
+
+def _tree(value):
+  return {"params": {"encoder": {"kernel": jnp.full((2, 3), value)}, "head": {"bias": jnp.full((2,), value)}}}
+
+
+def _live():
+  return _tree(0.0)
+
+
+def test_checkpoint_directory(tmp_path):
+  path = save_checkpoint(tmp_path / "ckpt", _tree(1.0))
+  out = fws.warm_start(_live(), path)
+  assert np.all(out["params"]["encoder"]["kernel"] == 1.0)
+  assert load_checkpoint(path).step is None
+
+
+def test_manager_root_uses_latest_step(tmp_path):
+  root = tmp_path / "run"
+  for step in (1, 20, 3):
+    save_manager_step(root, step, _tree(float(step)))
+  ckpt = load_checkpoint(root)
+  assert ckpt.step == 20
+  out = fws.warm_start(_live(), root)
+  assert np.all(out["params"]["head"]["bias"] == 20.0)
+
+
+def test_manager_root_ignores_unfinished_steps(tmp_path):
+  root = tmp_path / "run"
+  save_manager_step(root, 5, _tree(5.0))
+  # An interrupted save leaves an Orbax temporary directory behind.
+  shutil.copytree(root / "5", root / "9.orbax-checkpoint-tmp-123")
+  assert load_checkpoint(root).step == 5
+
+
+def test_manager_root_with_step_prefix(tmp_path):
+  root = tmp_path / "run"
+  options = ocp.CheckpointManagerOptions(step_prefix="ckpt")
+  with ocp.CheckpointManager(root, options=options) as mgr:
+    mgr.save(7, args=ocp.args.StandardSave(_tree(7.0)))
+  assert load_checkpoint(root).step == 7
+  assert np.all(fws.warm_start(_live(), root)["params"]["head"]["bias"] == 7.0)
+
+
+def test_step_directory(tmp_path):
+  root = save_manager_step(tmp_path / "run", 4, _tree(4.0))
+  ckpt = load_checkpoint(f"{root}/4")
+  assert (ckpt.step, ckpt.path.name) == (4, "default")
+
+
+def test_step_directory_with_several_items(tmp_path):
+  root = save_manager_step(tmp_path / "run", 2, _tree(2.0), extra={"note": "json item, not a pytree"})
+  # The only PyTree item is picked; the JSON item has no tree metadata.
+  assert load_checkpoint(root).path.name == "state"
+  assert np.all(fws.warm_start(_live(), root)["params"]["head"]["bias"] == 2.0)
+
+
+def test_several_pytree_items_pick_the_one_matching_the_state(tmp_path):
+  step_dir = tmp_path / "run" / "3"
+  save_checkpoint(step_dir / "ema", {"ema": {"w": jnp.ones(2)}})
+  save_checkpoint(step_dir / "model", _tree(3.0))
+  ckpt = load_checkpoint(step_dir, prefer_names=fws.variable_names(_live()))
+  assert ckpt.path.name == "model" and ckpt.step == 3
+  # The user can name the item instead.
+  settings = fws.WarmStartSettings(step_dir, vars_to_warm_start=["ema/.*"], ckpt_item="ema")
+  out = fws.warm_start({"ema": {"w": jnp.zeros(2)}}, settings)
+  assert np.all(out["ema"]["w"] == 1.0)
+
+
+def test_unknown_item_is_an_error(tmp_path):
+  root = save_manager_step(tmp_path / "run", 1, _tree(1.0))
+  with pytest.raises(fws.WarmStartError, match=r"No item 'nope'.*\['default'\]"):
+    fws.warm_start(_live(), fws.WarmStartSettings(root, ckpt_item="nope"))
+
+
+def test_missing_path_says_what_was_looked_for(tmp_path):
+  with pytest.raises(fws.WarmStartError, match="does not exist"):
+    fws.warm_start(_live(), tmp_path / "nowhere")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(fws.WarmStartError, match="CheckpointManager root") as err:
+    fws.warm_start(_live(), tmp_path / "empty")
+  assert "empty directory" in str(err.value)
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(fws.WarmStartError, match="is a file"):
+    locate(tmp_path / "file")
+
+
+def test_list_variables_like_tf(tmp_path):
+  path = save_checkpoint(tmp_path / "ckpt", _tree(1.0))
+  assert fws.list_variables(path) == [("encoder/kernel", (2, 3)), ("head/bias", (2,))]
+
+
+def test_only_selected_tensors_are_read(tmp_path):
+  # Without OCDBT every tensor has its own directory; delete the data of one
+  # that is not selected, keeping its metadata (.zarray). A full-tree read
+  # would fail on it.
+  path = tmp_path / "ckpt"
+  ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False)).save(path, _tree(1.0))
+  chunks = [p for p in (path / "params.head.bias").iterdir() if p.name != ".zarray"]
+  assert chunks
+  for chunk in chunks:
+    chunk.unlink()
+  out = fws.warm_start(_live(), path, fws.WarmStartSettings(path, vars_to_warm_start="encoder"))
+  assert np.all(out["params"]["encoder"]["kernel"] == 1.0)
+  assert np.all(out["params"]["head"]["bias"] == 0.0)
