@@ -13,6 +13,8 @@ from flax_warmstart.errors import WarmStartError as WarmStartError
 from flax_warmstart.naming import variable_names as variable_names
 from flax_warmstart.plan import LeafPlan as LeafPlan
 from flax_warmstart.plan import WarmStartPlan as WarmStartPlan
+from flax_warmstart.remap import MeanCovarianceOfOldRows as MeanCovarianceOfOldRows
+from flax_warmstart.remap import MeanOfOldRows as MeanOfOldRows
 from flax_warmstart.settings import VocabInfo as VocabInfo
 from flax_warmstart.settings import WarmStartSettings as WarmStartSettings
 from flax_warmstart.warm_start import execute as execute

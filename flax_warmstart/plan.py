@@ -19,7 +19,8 @@ import numpy as np
 from flax_warmstart.checkpoint import Checkpoint
 from flax_warmstart.errors import WarmStartError, did_you_mean
 from flax_warmstart.naming import Variable
-from flax_warmstart.settings import VocabInfo, WarmStartSettings
+from flax_warmstart.settings import WarmStartSettings
+from flax_warmstart.vocab import Remap, plan_remap
 
 logger = logging.getLogger("flax_warmstart")
 
@@ -40,7 +41,8 @@ class LeafPlan:
     dtype: Dtype of the live leaf.
     source_shape: Shape of the checkpoint tensor, or None.
     source_dtype: Dtype of the checkpoint tensor (cast to `dtype` if different).
-    vocab_info: For `remap`, the `VocabInfo`.
+    remap: For `remap`, the vocabulary remap (its `VocabInfo`, row mapping and
+      statistics).
 
   Examples:
     >>> import numpy as np
@@ -59,7 +61,7 @@ class LeafPlan:
   dtype: np.dtype | None = None
   source_shape: tuple[int, ...] | None = None
   source_dtype: np.dtype | None = None
-  vocab_info: VocabInfo | None = None
+  remap: Remap | None = None
 
   @property
   def cast(self) -> bool:
@@ -215,6 +217,18 @@ def build_plan(
   ckpt = checkpoint.variables
   where = checkpoint.describe()
   rows = []
+  # One mapping per (parameter, shapes): a parameter's slots reuse it, and
+  # vocabulary files are read once.
+  remaps: dict[tuple[str, tuple[int, ...], tuple[int, ...]], Remap | None] = {}
+
+  def remap_for(param: str, source: str, shape: tuple[int, ...], old_shape: tuple[int, ...]) -> Remap | None:
+    key = (param, shape, old_shape)
+    if key not in remaps:
+      remaps[key], found_problems = plan_remap(param, source, shape, old_shape, vocab[param])
+      problems.extend(found_problems)
+    return remaps[key]
+
+  rows = []
   for v in variables:
     if v.name not in warm:
       rows.append(LeafPlan(v.name, "keep", "not selected", shape=v.shape, dtype=v.dtype))
@@ -224,11 +238,8 @@ def build_plan(
     found = ckpt.get(source)
     if found is None:
       if settings.skip_missing:
-        rows.append(
-          LeafPlan(
-            v.name, "keep", f"missing from checkpoint as {source!r} (skip_missing)", shape=v.shape, dtype=v.dtype
-          )
-        )
+        reason = f"missing from checkpoint as {source!r} (skip_missing)"
+        rows.append(LeafPlan(v.name, "keep", reason, shape=v.shape, dtype=v.dtype))
         continue
       problems.append(
         f"{v.name!r}: no tensor {source!r}{via} in checkpoint {where}."
@@ -237,9 +248,25 @@ def build_plan(
         " current value."
       )
       continue
-    info = vocab.get(v.name)
     reason = "selected" + (", renamed" if renamed else "")
-    if info is None and found.shape != v.shape:
+    remap = None
+    if v.name in vocab:
+      remap = remap_for(v.name, source, v.shape, found.shape)
+      if remap is None:
+        continue
+      reason += ", vocabulary remap"
+    elif v.kind == "slot" and v.param in vocab:
+      param = next((p for p in variables if p.name == v.param), None)
+      if param is None or v.shape != param.shape:
+        reason = f"factored slot of remapped {v.param!r}: cannot follow its rows, kept at its current (init) value"
+        rows.append(LeafPlan(v.name, "keep", reason, shape=v.shape, dtype=v.dtype))
+        continue
+      remap = remap_for(v.param, source, v.shape, found.shape)
+      if remap is None:
+        continue
+      remap = Remap(remap.info, remap.mapping, follows=v.param)
+      reason += f", follows the vocabulary remap of {v.param!r}"
+    elif found.shape != v.shape:
       problems.append(
         f"{v.name!r}: shape {v.shape} in the state, but the checkpoint tensor"
         f" {source!r}{via} has shape {found.shape}. Leave it out of"
@@ -249,14 +276,14 @@ def build_plan(
     rows.append(
       LeafPlan(
         v.name,
-        "remap" if info is not None else "copy",
-        reason + (", vocabulary remap" if info is not None else ""),
+        "remap" if remap is not None else "copy",
+        reason,
         source=source,
         shape=v.shape,
         dtype=v.dtype,
         source_shape=found.shape,
         source_dtype=found.dtype,
-        vocab_info=info,
+        remap=remap,
       )
     )
   if problems:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from flax.core import FrozenDict
 
 from flax_warmstart.errors import WarmStartError
@@ -24,39 +25,67 @@ VarsToWarmStart = str | tuple[str, ...] | Callable[[str, Any], bool] | None
 class VocabInfo:
   """How to remap the vocabulary rows (or columns) of one variable.
 
-  The fields and their meaning are those of `tf.estimator.VocabInfo`. Naming a
-  variable in `WarmStartSettings.var_name_to_vocab_info` gives it the `remap`
-  action in the plan.
+  The first seven fields, their order and meaning are those of
+  `tf.estimator.VocabInfo`, with TensorFlow's results wherever TensorFlow
+  succeeds. Naming a parameter in `WarmStartSettings.var_name_to_vocab_info`
+  gives it the `remap` action: row `i` of the new variable is the old row of
+  token `new_vocab[i]`; new tokens and OOV rows come from the backup
+  initializer. Its optimizer slots follow the same mapping (new rows zero).
 
   Attributes:
-    new_vocab: Path of the new vocabulary file, one token per line.
-    new_vocab_size: How many leading lines of `new_vocab` are used.
+    new_vocab: The new vocabulary: a file path (local or any path etils opens,
+      e.g. `gs://`), one token per line, or a sequence of tokens.
+    new_vocab_size: How many leading tokens of `new_vocab` are rows.
     num_oov_buckets: Number of out-of-vocabulary rows after the vocabulary.
-    old_vocab: Path of the vocabulary the checkpoint was trained with.
-    old_vocab_size: `-1` for the whole old file, else its first N lines.
-    backup_initializer: A JAX initializer `(key, shape, dtype) -> Array` for
-      rows with no old counterpart; `None` means zeros.
-    axis: 0 if rows are vocabulary entries (an embedding), 1 if columns are
-      (a softmax kernel).
+    old_vocab: The vocabulary the checkpoint was trained with (path or tokens).
+    old_vocab_size: `-1` for all of `old_vocab`, else its first N tokens. As in
+      TensorFlow, it is ignored for `axis=1`.
+    backup_initializer: Fills new-token and OOV rows: a JAX initializer
+      `(key, shape, dtype) -> Array` called as TensorFlow calls it (once with
+      shape `[n_missing_cells, 1]` for the new tokens' cells in row-major
+      order, then `[n_oov, ...]` for the OOV rows or columns), or
+      `MeanOfOldRows()` / `MeanCovarianceOfOldRows()`. `None` means zeros.
+      Random initializers draw from the `rng` given to `warm_start`.
+    axis: 0 if rows are vocabulary entries (an embedding, an output bias), 1
+      if columns are (a softmax kernel `[hidden, vocab]`).
+    donor_tokens: New token -> old token whose old row it copies (for tokens
+      absent from the old vocabulary), e.g. `{"K[Acetyl]": "K"}`.
+    token_vectors: New token -> explicit row value (for tokens absent from the
+      old vocabulary).
 
   Examples:
     >>> info = VocabInfo("new.txt", new_vocab_size=5, num_oov_buckets=1,
     ...                  old_vocab="old.txt")
     >>> info.axis, info.old_vocab_size
     (0, -1)
+    >>> VocabInfo(["<pad>", "a", "b"], 3, 0, ["a", "b"], donor_tokens={"<pad>": "a"}).new_vocab
+    ('<pad>', 'a', 'b')
   """
 
-  new_vocab: str | os.PathLike
+  new_vocab: str | os.PathLike | Sequence[str]
   new_vocab_size: int
   num_oov_buckets: int
-  old_vocab: str | os.PathLike
+  old_vocab: str | os.PathLike | Sequence[str]
   old_vocab_size: int = -1
   backup_initializer: Callable[..., Any] | None = None
   axis: int = 0
+  donor_tokens: Mapping[str, str] = dataclasses.field(default_factory=FrozenDict)
+  token_vectors: Mapping[str, Any] = dataclasses.field(default_factory=FrozenDict)
 
   def __post_init__(self) -> None:
     if self.axis not in (0, 1):
       raise WarmStartError(f"The only supported values for the axis argument are 0 and 1.  Provided axis: {self.axis}")
+    for field in ("new_vocab", "old_vocab"):
+      value = getattr(self, field)
+      if not isinstance(value, str | os.PathLike) and isinstance(value, Sequence):
+        object.__setattr__(self, field, tuple(value))
+    object.__setattr__(self, "donor_tokens", FrozenDict(dict(self.donor_tokens or {})))
+    vectors = {tok: _freeze(np.asarray(v).tolist()) for tok, v in dict(self.token_vectors or {}).items()}
+    object.__setattr__(self, "token_vectors", FrozenDict(vectors))
+
+
+def _freeze(value: Any) -> Any:
+  return tuple(_freeze(v) for v in value) if isinstance(value, list) else value
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_warmstart import checkpoint as checkpoint_lib
+from flax_warmstart import remap as remap_lib
 from flax_warmstart.errors import WarmStartError
 from flax_warmstart.naming import flatten_state, is_nnx_split
-from flax_warmstart.plan import WarmStartPlan, build_plan
+from flax_warmstart.plan import LeafPlan, WarmStartPlan, build_plan
 from flax_warmstart.settings import WarmStartSettings
 
 logger = logging.getLogger("flax_warmstart")
@@ -95,12 +96,13 @@ def plan(
   return build_plan(variables, leaves, checkpoint, settings)
 
 
-def execute(plan: WarmStartPlan, state: State) -> State:
+def execute(plan: WarmStartPlan, state: State, *, rng: jax.Array | None = None) -> State:
   """Carries out a plan: reads what it names and returns the merged state.
 
   Args:
     plan: From `flax_warmstart.plan`, for this state's structure.
     state: The live state; it is not modified.
+    rng: PRNG key for random backup initializers of vocabulary remaps.
 
   Returns:
     A new state of the same type, structure, shapes, dtypes and shardings.
@@ -119,38 +121,45 @@ def execute(plan: WarmStartPlan, state: State) -> State:
   """
   if is_nnx_split(state):
     graphdef, inner = state
-    return (graphdef, execute(plan, inner))  # type: ignore[return-value]
+    return (graphdef, execute(plan, inner, rng=rng))  # type: ignore[return-value]
   variables, leaves, treedef = flatten_state(state)
   if [v.name for v in variables] != [leaf.name for leaf in plan.leaves]:
     raise WarmStartError(
       "This plan was built for a state with other variables; build it again with"
       " flax_warmstart.plan(state, ...) for this state."
     )
-  loaded = plan.loaded
-  if any(row.action == "remap" for row in loaded):
-    names = [row.name for row in loaded if row.action == "remap"]
-    raise NotImplementedError(
-      f"Vocabulary remapping (var_name_to_vocab_info for {names}) is not available in this"
-      " version of flax_warmstart yet."
-    )
+  keys = {i: None if rng is None else jax.random.fold_in(rng, i) for i in range(len(leaves))}
+  # Fills that need no old table first: a bad backup initializer fails before any read.
+  fills = {
+    i: remap_lib.initial_fill(row.remap, row.shape, leaves[i].dtype, keys[i], row.name)
+    for i, row in enumerate(plan.leaves)
+    if row.action == "remap"
+  }
   targets: dict[str, jax.ShapeDtypeStruct | None] = {}
   for i, row in enumerate(plan.leaves):
     if row.action != "keep" and row.source not in targets:
-      targets[row.source] = _restore_spec(leaves[i])
+      targets[row.source] = _restore_spec(leaves[i], row)
   restored = checkpoint_lib.restore(plan.checkpoint, targets)
   new_leaves = [np.array(x) if isinstance(x, np.ndarray) else x for x in leaves]
   for i, row in enumerate(plan.leaves):
-    if row.action != "keep":
+    if row.action == "copy":
       new_leaves[i] = _conform(restored[row.source], leaves[i])
+    elif row.action == "remap":
+      value = remap_lib.apply_remap(row.remap, restored[row.source], fills[i], leaves[i], keys[i])
+      new_leaves[i] = _conform(value, leaves[i])
   _log(plan)
   return jax.tree_util.tree_unflatten(treedef, new_leaves)
 
 
-def _restore_spec(leaf: Any) -> jax.ShapeDtypeStruct | None:
-  """How to read a tensor for this live leaf: sharded like it, or to host."""
-  if isinstance(leaf, jax.Array):
+def _restore_spec(leaf: Any, row: LeafPlan) -> jax.ShapeDtypeStruct | None:
+  """How to read a tensor for this live leaf: sharded like it (an old vocabulary
+  table: sharded off its vocabulary axis, for a local gather), or to host."""
+  if not isinstance(leaf, jax.Array):
+    return None
+  if row.remap is None:
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
-  return None
+  sharding = remap_lib.table_sharding(leaf.sharding, row.source_shape, row.remap.info.axis)
+  return jax.ShapeDtypeStruct(row.source_shape, leaf.dtype, sharding=sharding)
 
 
 def _conform(value: Any, live: Any) -> Any:
@@ -217,6 +226,8 @@ def warm_start(
   state: State,
   ckpt_or_settings: CkptOrSettings | None = None,
   settings: WarmStartSettings | None = None,
+  *,
+  rng: jax.Array | None = None,
 ) -> State:
   """Warm-starts a training state from an Orbax checkpoint.
 
@@ -234,6 +245,9 @@ def warm_start(
       A location alone warm-starts every parameter (`vars_to_warm_start=".*"`).
     settings: The `WarmStartSettings`, when a location is given first; the
       location given here wins over `settings.ckpt_to_initialize_from`.
+    rng: PRNG key for random `backup_initializer`s of vocabulary remaps
+      (`jax.random.key(0)`); each leaf and call draws from its own fold of it,
+      so results are reproducible.
 
   Returns:
     A new state of the same type, tree structure, shapes, dtypes and
@@ -243,7 +257,9 @@ def warm_start(
     WarmStartError: (a `ValueError`) listing every problem of the request:
       no checkpoint at the location, unused `var_name_to_prev_var_name` or
       `var_name_to_vocab_info` keys, selected variables missing from the
-      checkpoint (with the closest names), shape mismatches.
+      checkpoint (with the closest names), shape mismatches, bad vocabulary
+      files (naming file, line and token), a random backup initializer
+      without `rng`.
 
   Examples:
     >>> import tempfile, jax.numpy as jnp, orbax.checkpoint as ocp
@@ -259,7 +275,7 @@ def warm_start(
     >>> out["params"]["encoder"]["kernel"].sum().item(), out["params"]["head"]["kernel"].sum().item()
     (4.0, 0.0)
   """
-  return execute(plan(state, ckpt_or_settings, settings), state)
+  return execute(plan(state, ckpt_or_settings, settings), state, rng=rng)
 
 
 def has_checkpoint(run_dir: str | os.PathLike) -> bool:

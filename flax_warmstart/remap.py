@@ -1,0 +1,299 @@
+"""The device side of a vocabulary remap: one jitted, sharded gather.
+
+The old table is restored sharded along a non-vocabulary axis (so every device
+holds a slice of every row and gathers locally, never the whole table), then
+`remap_rows` gathers and fills in one jitted function whose output has the
+sharding of the leaf it becomes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from flax_warmstart.errors import WarmStartError
+from flax_warmstart.vocab import Remap
+
+
+@dataclasses.dataclass(frozen=True)
+class MeanOfOldRows:
+  """New-row initializer: every new and OOV row is the mean of the old vocabulary rows.
+
+  Use as `VocabInfo(backup_initializer=MeanOfOldRows())`.
+
+  Examples:
+    >>> import flax_warmstart as fws
+    >>> info = fws.VocabInfo(["b", "z"], 2, 0, ["a", "b"], backup_initializer=fws.MeanOfOldRows())
+    >>> info.backup_initializer
+    MeanOfOldRows()
+  """
+
+
+@dataclasses.dataclass(frozen=True)
+class MeanCovarianceOfOldRows:
+  """New-row initializer: draws from a normal with the old rows' mean and covariance.
+
+  Hugging Face's `resize_token_embeddings(mean_resizing=True)`: new rows are
+  sampled from `N(mean, scale * covariance)` of the old vocabulary rows
+  (Hugging Face uses `scale=1e-9`). Needs `rng` in `warm_start`.
+
+  Attributes:
+    scale: Multiplies the covariance.
+
+  Examples:
+    >>> import flax_warmstart as fws
+    >>> fws.MeanCovarianceOfOldRows().scale
+    1e-09
+  """
+
+  scale: float = 1e-9
+
+
+NEW_ROW_INITIALIZERS = (MeanOfOldRows, MeanCovarianceOfOldRows)
+
+
+def table_sharding(
+  live: jax.sharding.Sharding | None, shape: tuple[int, ...], axis: int
+) -> jax.sharding.Sharding | None:
+  """The sharding to restore an old table with, so that the gather stays local.
+
+  Every mesh axis the live leaf is sharded over is moved onto a non-vocabulary
+  axis of the old table that it divides; the vocabulary axis is not sharded.
+  Each device then holds a slice of every old row, never the whole table.
+
+  Args:
+    live: The sharding of the live leaf (None for a host array).
+    shape: The old table's shape.
+    axis: The vocabulary axis.
+
+  Returns:
+    A sharding for the old table.
+
+  Examples:
+    >>> import jax
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> mesh = jax.make_mesh((1,), ("x",))
+    >>> table_sharding(NamedSharding(mesh, P("x", None)), (10, 4), axis=0).spec
+    P(None, 'x')
+  """
+  if not isinstance(live, NamedSharding):
+    return live
+  mesh = live.mesh
+  used = [a for entry in live.spec if entry is not None for a in (entry if isinstance(entry, tuple) else (entry,))]
+  if not used:
+    return NamedSharding(mesh, PartitionSpec())
+  size = math.prod(mesh.shape[a] for a in used)
+  others = sorted((d for d in range(len(shape)) if d != axis), key=lambda d: -shape[d])
+  for d in others:
+    if shape[d] % size == 0:
+      spec = [None] * len(shape)
+      spec[d] = tuple(used)
+      return NamedSharding(mesh, PartitionSpec(*spec))
+  # Keep what divides of the live layout on the non-vocabulary axes.
+  spec = [None] * len(shape)
+  for d, entry in enumerate(live.spec):
+    names = entry if isinstance(entry, tuple) else (entry,)
+    if d != axis and entry is not None and shape[d] % math.prod(mesh.shape[a] for a in names) == 0:
+      spec[d] = entry
+  return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def _remap(
+  table: jax.Array, index: jax.Array, fill: jax.Array | None, fill_index: jax.Array, *, axis: int
+) -> jax.Array:
+  taken = jnp.take(table, jnp.maximum(index, 0), axis=axis, mode="clip")
+  shape = [1] * table.ndim
+  shape[axis] = index.shape[0]
+  missing = (index < 0).reshape(shape)
+  if fill is None:
+    values = jnp.zeros((), table.dtype)
+  else:
+    values = jnp.take(fill.astype(table.dtype), fill_index, axis=axis, mode="clip")
+  return jnp.where(missing, values, taken)
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted(axis: int, out_sharding: jax.sharding.Sharding | None) -> Any:
+  fn = functools.partial(_remap, axis=axis)
+  return jax.jit(fn, out_shardings=out_sharding) if out_sharding is not None else jax.jit(fn)
+
+
+def remap_rows(
+  table: jax.Array,
+  index: np.ndarray,
+  fill: jax.Array | None,
+  fill_index: np.ndarray,
+  *,
+  axis: int,
+  out_sharding: jax.sharding.Sharding | None = None,
+) -> jax.Array:
+  """Gathers old rows into a new table; rows with index -1 come from `fill`.
+
+  Args:
+    table: The old table (restored with `table_sharding`).
+    index: `int32 [new rows]`: the old row of each new row, or -1.
+    fill: Rows for the -1 entries, along `axis` (None: zeros).
+    fill_index: `int32 [new rows]`: the row of `fill` for each -1 entry.
+    axis: The vocabulary axis.
+    out_sharding: The sharding of the result (the live leaf's).
+
+  Returns:
+    The new table: `table` with its `axis` replaced by `len(index)` entries.
+
+  Examples:
+    >>> import numpy as np, jax.numpy as jnp
+    >>> old = jnp.array([[0.5], [1.0], [1.5], [2.0]])
+    >>> remap_rows(old, np.array([3, -1, 0]), None, np.zeros(3, np.int32), axis=0).tolist()
+    [[2.0], [0.0], [0.5]]
+  """
+  return _jitted(axis, out_sharding)(table, jnp.asarray(index, jnp.int32), fill, jnp.asarray(fill_index, jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("axis", "rows", "count", "scale"))
+def _old_rows_statistic(
+  table: jax.Array, key: jax.Array | None, *, axis: int, rows: int, count: int, scale: float | None
+) -> jax.Array:
+  old = jnp.moveaxis(jax.lax.slice_in_dim(table, 0, rows, axis=axis), axis, 0)
+  flat = old.reshape(rows, -1).astype(jnp.float32)
+  mean = flat.mean(axis=0)
+  if scale is None:
+    out = jnp.broadcast_to(mean, (count, flat.shape[1]))
+  else:
+    centered = flat - mean
+    cov = centered.T @ centered / rows
+    out = jax.random.multivariate_normal(key, mean, scale * cov, shape=(count,), method="eigh")
+  return jnp.moveaxis(out.reshape((count, *old.shape[1:])), 0, axis).astype(table.dtype)
+
+
+def old_rows_fill(
+  initializer: Any, table: jax.Array, key: jax.Array | None, *, axis: int, rows: int, count: int
+) -> jax.Array:
+  """Rows from a `MeanOfOldRows` / `MeanCovarianceOfOldRows` initializer.
+
+  Args:
+    initializer: The new-row initializer.
+    table: The old table.
+    key: A PRNG key (needed for `MeanCovarianceOfOldRows`).
+    axis: The vocabulary axis.
+    rows: Old vocabulary rows to compute statistics over (the first `rows`).
+    count: Number of rows to make.
+
+  Returns:
+    `count` rows along `axis`.
+
+  Raises:
+    WarmStartError: If a random initializer gets no key.
+  """
+  scale = getattr(initializer, "scale", None)
+  if scale is not None and key is None:
+    raise WarmStartError("MeanCovarianceOfOldRows draws random rows: pass rng=jax.random.key(...) to warm_start.")
+  return _old_rows_statistic(table, key, axis=axis, rows=rows, count=count, scale=scale)
+
+
+def _with_axis(shape: tuple[int, ...], axis: int, size: int) -> tuple[int, ...]:
+  return (*shape[:axis], size, *shape[axis + 1 :])
+
+
+def _call(init: Any, key: jax.Array | None, shape: tuple[int, ...], dtype: Any, name: str) -> jax.Array:
+  """Calls a backup initializer; a failure without a key asks for `rng`."""
+  try:
+    out = init(key, shape, dtype)
+  except Exception as err:
+    if key is None:
+      raise WarmStartError(
+        f"The backup_initializer of {name!r} failed without a random key ({type(err).__name__}: {err})."
+        " If it draws random numbers, pass rng=jax.random.key(...) to warm_start."
+      ) from err
+    raise
+  if tuple(np.shape(out)) != shape:
+    raise WarmStartError(f"The backup_initializer of {name!r} returned shape {np.shape(out)} when asked for {shape}.")
+  return jnp.asarray(out, dtype)
+
+
+def initial_fill(
+  remap: Remap, shape: tuple[int, ...], dtype: Any, key: jax.Array | None, name: str
+) -> jax.Array | None:
+  """The fill rows that need no old table, made before anything is read.
+
+  A JAX backup initializer is called as TensorFlow calls it: once with shape
+  `[n_missing_cells, 1]` for the new tokens' cells in row-major order (even
+  when there are none), then, if there are OOV rows or columns, once with the
+  OOV block's shape. Explicit token vectors sit between the two blocks.
+
+  Args:
+    remap: The planned remap.
+    shape: The live leaf's shape.
+    dtype: The live leaf's dtype.
+    key: PRNG key for this leaf, or None.
+    name: The leaf's name, for messages.
+
+  Returns:
+    The fill table along the vocabulary axis (missing, explicit, OOV rows), or
+    None when every filled row is zero or depends on the old table.
+  """
+  mapping, init, axis = remap.mapping, remap.info.backup_initializer, remap.info.axis
+  if remap.follows or isinstance(init, NEW_ROW_INITIALIZERS):
+    return None
+  if init is None and not mapping.explicit:
+    return None
+  missing_shape = _with_axis(shape, axis, mapping.num_missing)
+  oov_shape = _with_axis(shape, axis, mapping.oov)
+  if init is None:
+    missing, oov = jnp.zeros(missing_shape, dtype), jnp.zeros(oov_shape, dtype)
+  else:
+    keys = [None, None] if key is None else [jax.random.fold_in(key, i) for i in range(2)]
+    cells = (math.prod(missing_shape), 1)
+    missing = _call(init, keys[0], cells, dtype, name).reshape(missing_shape)
+    oov = _call(init, keys[1], oov_shape, dtype, name) if mapping.oov else jnp.zeros(oov_shape, dtype)
+  return jnp.concatenate([missing, _explicit(remap, shape, dtype), oov], axis=axis)
+
+
+def _explicit(remap: Remap, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+  axis = remap.info.axis
+  if not remap.mapping.explicit:
+    return jnp.zeros(_with_axis(shape, axis, 0), dtype)
+  return jnp.asarray(np.stack([vec for _, vec in remap.mapping.explicit], axis=axis), dtype)
+
+
+def apply_remap(remap: Remap, table: Any, fill: jax.Array | None, live: Any, key: jax.Array | None) -> jax.Array:
+  """Remaps a restored old table into the live leaf's shape and sharding.
+
+  Args:
+    remap: The planned remap.
+    table: The old table, restored (ideally with `table_sharding`).
+    fill: From `initial_fill`.
+    live: The live leaf (its shape, dtype and sharding are the result's).
+    key: PRNG key for this leaf (for `MeanCovarianceOfOldRows`), or None.
+
+  Returns:
+    The new value of the leaf.
+  """
+  mapping, info = remap.mapping, remap.info
+  axis = info.axis
+  shape, dtype = tuple(np.shape(live)), live.dtype
+  table = jnp.asarray(table, dtype) if not isinstance(table, jax.Array) else table.astype(dtype)
+  if axis == 1 and table.shape[0] != shape[0]:
+    table = jax.lax.slice_in_dim(table, 0, shape[0], axis=0)  # TensorFlow uses the leading rows.
+  if not remap.follows and isinstance(info.backup_initializer, NEW_ROW_INITIALIZERS):
+    draws = old_rows_fill(
+      info.backup_initializer,
+      table,
+      None if key is None else jax.random.fold_in(key, 2),
+      axis=axis,
+      rows=mapping.old_rows_used,
+      count=mapping.num_missing + mapping.oov,
+    )
+    parts = jnp.split(draws, [mapping.num_missing], axis=axis)
+    fill = jnp.concatenate([parts[0], _explicit(remap, shape, dtype), parts[1]], axis=axis)
+  sharding = live.sharding if isinstance(live, jax.Array) else None
+  if fill is not None and isinstance(table, jax.Array):
+    fill = jax.device_put(fill, table_sharding(sharding, fill.shape, axis) or table.sharding)
+  fill_index = mapping.fill_index if not remap.follows else np.zeros_like(mapping.fill_index)
+  return remap_rows(table, remap.index, fill, fill_index, axis=axis, out_sharding=sharding)

@@ -1,0 +1,369 @@
+"""Vocabulary files and the old -> new row mapping, on the host with numpy.
+
+Files are read as TensorFlow reads them (`TextFileLineIterator`): split on
+`\\n`, one trailing `\\r` removed per line, no other stripping, a final newline
+adds no line. An empty line, or a duplicate token among the old vocabulary's
+considered lines, is an error naming the file, the line and the token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from flax_warmstart.errors import WarmStartError
+
+VocabSource = str | os.PathLike | Sequence[str]
+
+
+def describe_source(source: VocabSource) -> str:
+  """A short name for a vocabulary in messages: its path, or `<N in-memory tokens>`."""
+  if isinstance(source, str | os.PathLike):
+    return os.fspath(source)
+  return f"<{len(source)} in-memory tokens>"
+
+
+def read_vocab(source: VocabSource, *, size: int = -1) -> list[str]:
+  """Reads a vocabulary: a file path (any path etils can open) or a token sequence.
+
+  Args:
+    source: A path (local, `gs://`, ...) or a sequence of tokens.
+    size: `-1` for every line, else only the first `size` lines (TensorFlow's
+      `old_vocab_size`): lines after them are not checked.
+
+  Returns:
+    The tokens, one per line.
+
+  Raises:
+    WarmStartError: For a missing or empty file, an empty line among the lines
+      read, or a `size` of 0, below -1, or beyond the number of lines.
+
+  Examples:
+    >>> read_vocab(["apple", "banana", "guava"], size=2)
+    ['apple', 'banana']
+  """
+  where = describe_source(source)
+  if size == 0 or size < -1:
+    raise WarmStartError(
+      f"old_vocab_size={size} for vocabulary {where}: use -1 for the whole file or a positive number of lines."
+    )
+  if isinstance(source, str | os.PathLike):
+    path = epath.Path(source)
+    if not path.exists():
+      raise WarmStartError(f"Vocabulary file {where} does not exist.")
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+      lines.pop()  # A final newline ends the last line; it does not start one.
+    tokens = [(line[:-1] if line.endswith(b"\r") else line).decode("utf-8", "surrogateescape") for line in lines]
+  else:
+    tokens = list(source)
+    bad = [t for t in tokens if not isinstance(t, str)]
+    if bad:
+      raise WarmStartError(f"Vocabulary {where} must hold str tokens; found {type(bad[0]).__name__} {bad[0]!r}.")
+  if not tokens:
+    raise WarmStartError(f"Vocabulary {where} is empty.")
+  if size != -1:
+    if size > len(tokens):
+      raise WarmStartError(
+        f"Invalid vocab_size in {where}: expected {size} lines (old_vocab_size) but the file has {len(tokens)}."
+      )
+    tokens = tokens[:size]
+  if "" in tokens:
+    line = tokens.index("") + 1
+    raise WarmStartError(
+      f"Invalid content in {where}: empty line found at line {line}. Every line must hold one token."
+    )
+  return tokens
+
+
+def token_index(tokens: Sequence[str], where: str) -> dict[str, int]:
+  """Token -> line number; a duplicate token is an error naming both lines."""
+  index = {tok: i for i, tok in enumerate(tokens)}
+  if len(index) != len(tokens):
+    seen: dict[str, int] = {}
+    for i, tok in enumerate(tokens):
+      if tok in seen:
+        raise WarmStartError(
+          f"Duplicate token {tok!r} in old vocabulary {where}: lines {seen[tok] + 1} and {i + 1}."
+          " Each old token must name one row of the checkpoint tensor."
+        )
+      seen[tok] = i
+  return index
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VocabMapping:
+  """Where each row (along the vocabulary axis) of a remapped variable comes from.
+
+  Attributes:
+    index: `int32 [rows]`: the old row copied into each new row, or -1.
+    slot_index: As `index`, without donor tokens: what optimizer slots follow
+      (new rows of slots start at zero).
+    fill_index: `int32 [rows]`: for rows with `index == -1`, the row of the
+      fill table (missing rows, then explicit vectors, then OOV rows).
+    num_vocab_rows: Rows that are vocabulary entries; the rest are OOV.
+    num_missing: New tokens with no old row, no donor and no explicit vector:
+      the backup initializer fills them.
+    explicit: `(row, vector)` for tokens given an explicit vector.
+    copied: Rows copied from an old row of the same token.
+    donated: Rows copied from a donor token's old row.
+    oov: Out-of-vocabulary rows.
+    dropped: Old vocabulary rows that no new row uses.
+    old_rows_used: Number of old vocabulary lines considered.
+  """
+
+  index: np.ndarray
+  slot_index: np.ndarray
+  fill_index: np.ndarray
+  num_vocab_rows: int
+  num_missing: int
+  explicit: tuple[tuple[int, np.ndarray], ...]
+  copied: int
+  donated: int
+  oov: int
+  dropped: int
+  old_rows_used: int
+
+  def stats(self) -> dict[str, int]:
+    """The statistics: rows copied, donated, explicit, new (backup), OOV, old rows dropped.
+
+    Examples:
+      >>> m = build_mapping(new_tokens=["b", "z"], old_tokens=["a", "b"], num_rows=3,
+      ...                   new_vocab_size=2, num_oov_buckets=1, where="x")
+      >>> m.stats()
+      {'copied': 1, 'donated': 0, 'explicit': 0, 'new': 1, 'oov': 1, 'dropped': 1}
+    """
+    return {
+      "copied": self.copied,
+      "donated": self.donated,
+      "explicit": len(self.explicit),
+      "new": self.num_missing,
+      "oov": self.oov,
+      "dropped": self.dropped,
+    }
+
+
+def build_mapping(
+  *,
+  new_tokens: Sequence[str],
+  old_tokens: Sequence[str],
+  num_rows: int,
+  new_vocab_size: int,
+  num_oov_buckets: int,
+  where: str,
+  donors: Mapping[str, str] | None = None,
+  vectors: Mapping[str, Any] | None = None,
+  row_shape: tuple[int, ...] = (),
+) -> VocabMapping:
+  """Builds the row mapping of one variable, TensorFlow's `GenerateVocabRemapping`.
+
+  Args:
+    new_tokens: The new vocabulary (read whole).
+    old_tokens: The old vocabulary's considered lines.
+    num_rows: Size of the live variable along its vocabulary axis.
+    new_vocab_size: How many leading new tokens are vocabulary rows.
+    num_oov_buckets: OOV rows after them.
+    where: The variable and files, for messages.
+    donors: New token -> old token whose row it copies.
+    vectors: New token -> explicit vector (shape `row_shape`).
+    row_shape: Shape of one slice along the vocabulary axis.
+
+  Returns:
+    The `VocabMapping`.
+
+  Raises:
+    WarmStartError: For inconsistent sizes, too short a new vocabulary, unknown
+      donor or explicit tokens, duplicate old tokens.
+
+  Examples:
+    >>> m = build_mapping(new_tokens=["orange", "guava", "banana", "apple", "raspberry"],
+    ...                   old_tokens=["apple", "banana", "guava", "orange"], num_rows=5,
+    ...                   new_vocab_size=5, num_oov_buckets=0, where="fruit_weights")
+    >>> m.index.tolist()
+    [3, 2, 1, 0, -1]
+  """
+  old_index = token_index(old_tokens, where)
+  n_load = min(num_rows, new_vocab_size)
+  if n_load > len(new_tokens):
+    raise WarmStartError(
+      f"{where}: the new vocabulary has {len(new_tokens)} lines but {n_load} vocabulary rows need a token"
+      " (lookup table size must be larger than last new vocab entry's line). Check new_vocab_size."
+    )
+  tokens = new_tokens[:n_load]
+  index = np.fromiter((old_index.get(t, -1) for t in tokens), dtype=np.int32, count=n_load)
+  slot_index = index.copy()
+  problems = []
+  row_of = {}
+  for row, tok in enumerate(tokens):
+    row_of.setdefault(tok, row)
+  donated = 0
+  for tok, donor in (donors or {}).items():
+    if tok not in row_of:
+      problems.append(f"{where}: donor entry for {tok!r}, which is not among the new vocabulary's {n_load} rows.")
+    elif donor not in old_index:
+      problems.append(f"{where}: donor token {donor!r} (for {tok!r}) is not in the old vocabulary.")
+    elif index[row_of[tok]] >= 0:
+      problems.append(f"{where}: {tok!r} is in the old vocabulary already; it needs no donor {donor!r}.")
+    else:
+      rows = [r for r, t in enumerate(tokens) if t == tok]
+      index[rows] = old_index[donor]
+      donated += len(rows)
+  explicit_rows: list[tuple[int, np.ndarray]] = []
+  for tok, vector in (vectors or {}).items():
+    vec = np.asarray(vector)
+    if tok not in row_of:
+      problems.append(f"{where}: explicit vector for {tok!r}, which is not among the new vocabulary's {n_load} rows.")
+    elif vec.shape != row_shape:
+      problems.append(f"{where}: explicit vector for {tok!r} has shape {vec.shape}, expected {row_shape}.")
+    elif index[row_of[tok]] >= 0:
+      problems.append(f"{where}: {tok!r} already gets a row from the old vocabulary; drop its explicit vector.")
+    else:
+      explicit_rows += [(r, vec) for r, t in enumerate(tokens) if t == tok]
+  if problems:
+    raise WarmStartError(problems, header="Invalid vocabulary remap")
+  explicit_set = {r for r, _ in explicit_rows}
+  missing = [r for r in np.flatnonzero(index < 0).tolist() if r not in explicit_set]
+  num_oov = num_rows - n_load
+  fill_index = np.zeros(num_rows, dtype=np.int32)
+  fill_index[missing] = np.arange(len(missing), dtype=np.int32)
+  for k, (r, _) in enumerate(explicit_rows):
+    fill_index[r] = len(missing) + k
+  fill_index[n_load:] = len(missing) + len(explicit_rows) + np.arange(num_oov, dtype=np.int32)
+  full_index = np.concatenate([index, np.full(num_oov, -1, np.int32)])
+  full_slot_index = np.concatenate([slot_index, np.full(num_oov, -1, np.int32)])
+  used = np.unique(index[index >= 0]).size
+  return VocabMapping(
+    index=full_index,
+    slot_index=full_slot_index,
+    fill_index=fill_index,
+    num_vocab_rows=n_load,
+    num_missing=len(missing),
+    explicit=tuple(explicit_rows),
+    copied=int(np.count_nonzero(slot_index >= 0)),
+    donated=donated,
+    oov=num_oov,
+    dropped=len(old_tokens) - used,
+    old_rows_used=len(old_tokens),
+  )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Remap:
+  """A planned vocabulary remap of one leaf.
+
+  Attributes:
+    info: The `VocabInfo`.
+    mapping: The row mapping, built from the vocabularies.
+    follows: For an optimizer slot, the parameter whose mapping it follows
+      (its new rows start at zero, donors do not apply); None for the
+      parameter itself.
+  """
+
+  info: Any
+  mapping: VocabMapping
+  follows: str | None = None
+
+  @property
+  def index(self) -> np.ndarray:
+    """The old row of each new row, or -1."""
+    return self.mapping.slot_index if self.follows else self.mapping.index
+
+
+def plan_remap(
+  name: str, source: str, shape: tuple[int, ...], old_shape: tuple[int, ...], info: Any
+) -> tuple[Remap | None, list[str]]:
+  """Validates a `VocabInfo` against both shapes and builds its mapping.
+
+  Args:
+    name: The live variable's name.
+    source: The checkpoint tensor's name.
+    shape: The live variable's shape.
+    old_shape: The checkpoint tensor's shape.
+    info: Its `VocabInfo`.
+
+  Returns:
+    `(remap, problems)`: the remap, or None with the problems found.
+  """
+  from flax_warmstart.remap import NEW_ROW_INITIALIZERS  # noqa: PLC0415 (remap imports jax; keep vocab light)
+
+  where = f"{name!r}" + (f" (checkpoint tensor {source!r})" if source != name else "")
+  problems = []
+  if not info.new_vocab or not info.new_vocab_size or not info.old_vocab:
+    problems.append(
+      f"{where}: VocabInfo must provide all of new_vocab, new_vocab_size (> 0) and old_vocab; got"
+      f" new_vocab={info.new_vocab!r}, new_vocab_size={info.new_vocab_size!r}, old_vocab={info.old_vocab!r}."
+    )
+  if info.num_oov_buckets < 0:
+    problems.append(f"{where}: num_oov_buckets must be >= 0, but received {info.num_oov_buckets}.")
+  init = info.backup_initializer
+  if init is not None and not callable(init) and not isinstance(init, NEW_ROW_INITIALIZERS):
+    problems.append(
+      f"{where}: backup_initializer must be callable (key, shape, dtype) -> Array, MeanOfOldRows() or"
+      f" MeanCovarianceOfOldRows(), instead of being {init!r} of type {type(init).__name__}."
+    )
+  axis = info.axis
+  if len(shape) <= axis:
+    problems.append(f"{where}: axis={axis} needs a variable of rank >= {axis + 1}, but its shape is {shape}.")
+  elif len(old_shape) != len(shape):
+    problems.append(f"{where}: the checkpoint tensor has shape {old_shape}, of another rank than the state's {shape}.")
+  if problems:
+    return None, problems
+  rows, size, oov = shape[axis], info.new_vocab_size, info.num_oov_buckets
+  if axis == 0 and rows > size + oov:
+    problems.append(
+      f"{where}: {rows} rows exceed new_vocab_size ({size}) + num_oov_buckets ({oov}) = {size + oov}."
+      " Raise new_vocab_size or num_oov_buckets, or check the variable."
+    )
+  if axis == 1 and rows != size + oov:
+    problems.append(
+      f"{where}: expected dimension 1 of shape {shape} to be new_vocab_size ({size}) + num_oov_buckets ({oov})"
+      f" = {size + oov}."
+    )
+  if axis == 0 and old_shape[1:] != shape[1:]:
+    problems.append(
+      f"{where}: the checkpoint tensor has shape {old_shape} and the state {shape}; with axis=0 only dimension 0"
+      " (the vocabulary) may differ."
+    )
+  if axis == 1 and (old_shape[0] < shape[0] or old_shape[2:] != shape[2:]):
+    problems.append(
+      f"{where}: the checkpoint tensor has shape {old_shape} and the state {shape}; with axis=1 only dimension 1"
+      " (the vocabulary) may differ, and the state may use fewer leading rows, not more."
+    )
+  try:
+    new_tokens = read_vocab(info.new_vocab)
+    old_tokens = read_vocab(info.old_vocab, size=info.old_vocab_size if axis == 0 else -1)
+    mapping = (
+      build_mapping(
+        new_tokens=new_tokens,
+        old_tokens=old_tokens,
+        num_rows=rows,
+        new_vocab_size=size,
+        num_oov_buckets=oov,
+        where=where,
+        donors=info.donor_tokens,
+        vectors=info.token_vectors,
+        row_shape=shape[:axis] + shape[axis + 1 :],
+      )
+      if not problems
+      else None
+    )
+  except WarmStartError as err:
+    return None, problems + [f"{where}: {p}" for p in err.problems]
+  if mapping is None:
+    return None, problems
+  top = int(mapping.index.max(initial=-1))
+  if top >= old_shape[axis]:
+    token = old_tokens[top]
+    problems.append(
+      f"{where}: old vocabulary token {token!r} (line {top + 1} of {describe_source(info.old_vocab)}) names row"
+      f" {top}, but the checkpoint tensor has only {old_shape[axis]} along axis {axis}. Check old_vocab and"
+      " old_vocab_size."
+    )
+    return None, problems
+  return Remap(info, mapping), problems
