@@ -254,7 +254,8 @@ def build_plan(
       remap = remap_for(v.name, source, v.shape, found.shape)
       if remap is None:
         continue
-      reason += ", vocabulary remap"
+      stats = remap.mapping.stats()
+      reason += f", vocabulary remap ({stats['copied']} copied, {stats['new']} new, {stats['oov']} OOV)"
     elif v.kind == "slot" and v.param in vocab:
       param = next((p for p in variables if p.name == v.param), None)
       if param is None or v.shape != param.shape:

@@ -199,6 +199,13 @@ def _log(plan: WarmStartPlan) -> None:
         row.name,
         row.source if row.source != row.name else "Unchanged",
       )
+  for row in plan.loaded:
+    if row.remap is not None and row.remap.follows is None:
+      stats = ", ".join(f"{n} {k}" for k, n in row.remap.mapping.stats().items())
+      logger.info("Remapped vocabulary of %r (axis %d) from %r: %s.", row.name, row.remap.info.axis, row.source, stats)
+  factored = [row.name for row in plan.leaves if row.action == "keep" and row.reason.startswith("factored slot")]
+  if factored:
+    logger.warning("Kept at their init value, as they cannot follow a vocabulary remap: %s", ", ".join(factored))
   casts = [row for row in plan.loaded if row.cast]
   if casts:
     shown = ", ".join(f"{row.name} ({row.source_dtype}->{row.dtype})" for row in casts[:5])
