@@ -157,6 +157,8 @@ def build_mapping(
   new_vocab_size: int,
   num_oov_buckets: int,
   where: str,
+  old_source: str = "the old vocabulary",
+  new_source: str = "the new vocabulary",
   donors: Mapping[str, str] | None = None,
   vectors: Mapping[str, Any] | None = None,
   row_shape: tuple[int, ...] = (),
@@ -169,7 +171,9 @@ def build_mapping(
     num_rows: Size of the live variable along its vocabulary axis.
     new_vocab_size: How many leading new tokens are vocabulary rows.
     num_oov_buckets: OOV rows after them.
-    where: The variable and files, for messages.
+    where: The variable, for messages.
+    old_source: The old vocabulary's file (or description), for messages.
+    new_source: The new vocabulary's file (or description), for messages.
     donors: New token -> old token whose row it copies.
     vectors: New token -> explicit vector (shape `row_shape`).
     row_shape: Shape of one slice along the vocabulary axis.
@@ -188,11 +192,14 @@ def build_mapping(
     >>> m.index.tolist()
     [3, 2, 1, 0, -1]
   """
-  old_index = token_index(old_tokens, where)
+  try:
+    old_index = token_index(old_tokens, old_source)
+  except WarmStartError as err:
+    raise WarmStartError([f"{where}: {p}" for p in err.problems]) from None
   n_load = min(num_rows, new_vocab_size)
   if n_load > len(new_tokens):
     raise WarmStartError(
-      f"{where}: the new vocabulary has {len(new_tokens)} lines but {n_load} vocabulary rows need a token"
+      f"{where}: new vocabulary {new_source} has {len(new_tokens)} lines but {n_load} vocabulary rows need a token"
       " (lookup table size must be larger than last new vocab entry's line). Check new_vocab_size."
     )
   tokens = new_tokens[:n_load]
@@ -338,25 +345,26 @@ def plan_remap(
   try:
     new_tokens = read_vocab(info.new_vocab)
     old_tokens = read_vocab(info.old_vocab, size=info.old_vocab_size if axis == 0 else -1)
-    mapping = (
-      build_mapping(
-        new_tokens=new_tokens,
-        old_tokens=old_tokens,
-        num_rows=rows,
-        new_vocab_size=size,
-        num_oov_buckets=oov,
-        where=where,
-        donors=info.donor_tokens,
-        vectors=info.token_vectors,
-        row_shape=shape[:axis] + shape[axis + 1 :],
-      )
-      if not problems
-      else None
-    )
   except WarmStartError as err:
     return None, problems + [f"{where}: {p}" for p in err.problems]
-  if mapping is None:
+  if problems:
     return None, problems
+  try:
+    mapping = build_mapping(
+      new_tokens=new_tokens,
+      old_tokens=old_tokens,
+      num_rows=rows,
+      new_vocab_size=size,
+      num_oov_buckets=oov,
+      where=where,
+      old_source=describe_source(info.old_vocab),
+      new_source=describe_source(info.new_vocab),
+      donors=info.donor_tokens,
+      vectors=info.token_vectors,
+      row_shape=shape[:axis] + shape[axis + 1 :],
+    )
+  except WarmStartError as err:
+    return None, list(err.problems)
   top = int(mapping.index.max(initial=-1))
   if top >= old_shape[axis]:
     token = old_tokens[top]

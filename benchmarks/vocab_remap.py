@@ -1,0 +1,244 @@
+"""W1: vocabulary remap of a large embedding, against the baselines.
+
+Builds (once, in --workdir) an Orbax checkpoint holding a 262,144 x 1,024
+float32 embedding plus 64 MiB of dense layers, an old vocabulary of 262,144
+tokens and a new one of 300,000 tokens of which 80 % exist in the old one
+(shuffled; new rows are zero), and, when TensorFlow is installed, a TensorFlow
+checkpoint of the same values. Then times, alternating methods in fresh
+subprocesses (so each peak RSS is its own), with the page cache warmed by
+reading the checkpoint files before each run:
+
+  orbax      a plain Orbax restore of the old checkpoint (the floor: no remap)
+  numpy      restore to numpy, fancy-index into a new table, jax.device_put
+  fws        flax_warmstart.warm_start with a VocabInfo (restore + jitted gather)
+  tf         tf.compat.v1.train.warm_start with a VocabInfo (if TF is installed)
+
+Each run starts from a live state that already exists (the new model's fresh
+1.2 GiB embedding and dense layers), as in a training script. Prints per-run
+times and peak RSS, then medians and ratios against `orbax` and `numpy`.
+
+Example:
+  python benchmarks/vocab_remap.py --runs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+OLD_ROWS, DIM, NEW_ROWS, OVERLAP = 262_144, 1_024, 300_000, 0.8
+DENSE_BYTES = 64 * 2**20
+
+
+def _dense_shapes() -> dict[str, tuple[int, int]]:
+  # 64 MiB of float32 dense kernels.
+  return {"dense_0": (2048, 4096), "dense_1": (2048, 4096)}
+
+
+def build(workdir: str) -> None:
+  """Writes the checkpoints and vocabularies once."""
+  import numpy as np
+
+  marker = os.path.join(workdir, "built.json")
+  if os.path.exists(marker):
+    return
+  os.makedirs(workdir, exist_ok=True)
+  rng = np.random.default_rng(0)
+  old_tokens = [f"tok{i}" for i in range(OLD_ROWS)]
+  n_keep = int(NEW_ROWS * OVERLAP)
+  kept = rng.choice(OLD_ROWS, size=n_keep, replace=False)
+  new_tokens = [old_tokens[i] for i in kept] + [f"new{i}" for i in range(NEW_ROWS - n_keep)]
+  rng.shuffle(new_tokens)
+  with open(os.path.join(workdir, "old.txt"), "w") as f:
+    f.write("\n".join(old_tokens))
+  with open(os.path.join(workdir, "new.txt"), "w") as f:
+    f.write("\n".join(new_tokens))
+  emb = rng.standard_normal((OLD_ROWS, DIM), dtype=np.float32)
+  dense = {k: rng.standard_normal(s, dtype=np.float32) for k, s in _dense_shapes().items()}
+
+  import jax.numpy as jnp
+  import orbax.checkpoint as ocp
+
+  tree = {
+    "params": {"embedder": {"embedding": jnp.asarray(emb)}, **{k: {"kernel": jnp.asarray(v)} for k, v in dense.items()}}
+  }
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(workdir, "orbax"), tree)
+  del tree
+  try:
+    import tensorflow as tf
+  except ImportError:
+    tf = None
+  if tf is not None:
+    with tf.Graph().as_default():
+      tf.compat.v1.get_variable("embedder/embedding", initializer=emb)
+      for k, v in dense.items():
+        tf.compat.v1.get_variable(f"{k}/kernel", initializer=v)
+      saver = tf.compat.v1.train.Saver()
+      with tf.compat.v1.Session() as sess:
+        sess.run(tf.compat.v1.global_variables_initializer())
+        saver.save(sess, os.path.join(workdir, "tf", "model"))
+  with open(marker, "w") as f:
+    json.dump({"tf": tf is not None}, f)
+
+
+def _peak_rss_gib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def run_one(method: str, workdir: str) -> dict[str, float]:
+  """One timed run in this (fresh) process."""
+  import numpy as np
+
+  if method == "tf":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+
+    with tf.Graph().as_default():
+      emb = tf.compat.v1.get_variable(
+        "embedder/embedding", shape=(NEW_ROWS, DIM), initializer=tf.compat.v1.zeros_initializer()
+      )
+      dense = [tf.compat.v1.get_variable(f"{k}/kernel", shape=s) for k, s in _dense_shapes().items()]
+      with tf.compat.v1.Session() as sess:
+        sess.run(tf.compat.v1.global_variables_initializer())  # the live state exists
+        start = time.perf_counter()
+        info = tf.compat.v1.train.VocabInfo(
+          new_vocab=os.path.join(workdir, "new.txt"),
+          new_vocab_size=NEW_ROWS,
+          num_oov_buckets=0,
+          old_vocab=os.path.join(workdir, "old.txt"),
+        )
+        tf.compat.v1.train.warm_start(
+          os.path.join(workdir, "tf"),
+          vars_to_warm_start=".*",
+          var_name_to_vocab_info={"embedder/embedding": info},
+        )
+        sess.run(tf.compat.v1.global_variables_initializer())
+        value = sess.run(emb[:2])
+        seconds = time.perf_counter() - start
+        del value, dense
+    return {"seconds": seconds, "peak_gib": _peak_rss_gib()}
+
+  import jax
+  import jax.numpy as jnp
+  import orbax.checkpoint as ocp
+
+  live = {
+    "params": {
+      "embedder": {"embedding": jnp.zeros((NEW_ROWS, DIM), jnp.float32)},
+      **{k: {"kernel": jnp.zeros(s, jnp.float32) + 1} for k, s in _dense_shapes().items()},
+    }
+  }
+  jax.block_until_ready(live)
+  path = os.path.join(workdir, "orbax")
+  start = time.perf_counter()
+  if method == "orbax":
+    abstract = {
+      "params": {
+        "embedder": {
+          "embedding": jax.ShapeDtypeStruct(
+            (OLD_ROWS, DIM), jnp.float32, sharding=live["params"]["embedder"]["embedding"].sharding
+          )
+        },
+        **{
+          k: {"kernel": jax.ShapeDtypeStruct(s, jnp.float32, sharding=live["params"][k]["kernel"].sharding)}
+          for k, s in _dense_shapes().items()
+        },
+      }
+    }
+    with ocp.StandardCheckpointer() as ckptr:
+      out = ckptr.restore(path, abstract)
+  elif method == "numpy":
+    with ocp.PyTreeCheckpointer() as ckptr:
+      meta = ckptr.metadata(path).item_metadata.tree
+      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+      host = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    old_index = {t: i for i, t in enumerate(open(os.path.join(workdir, "old.txt")).read().split("\n"))}
+    index = np.array([old_index.get(t, -1) for t in open(os.path.join(workdir, "new.txt")).read().split("\n")])
+    old = host["params"]["embedder"]["embedding"]
+    new = old[np.maximum(index, 0)]
+    new[index < 0] = 0
+    out = {
+      "params": {
+        "embedder": {"embedding": jax.device_put(new)},
+        **{k: {"kernel": jax.device_put(host["params"][k]["kernel"])} for k in _dense_shapes()},
+      }
+    }
+  elif method == "fws":
+    import flax_warmstart as fws
+
+    info = fws.VocabInfo(
+      new_vocab=os.path.join(workdir, "new.txt"),
+      new_vocab_size=NEW_ROWS,
+      num_oov_buckets=0,
+      old_vocab=os.path.join(workdir, "old.txt"),
+    )
+    settings = fws.WarmStartSettings(path, var_name_to_vocab_info={"embedder/embedding": info})
+    out = fws.warm_start(live, settings)
+  else:
+    raise ValueError(method)
+  jax.block_until_ready(out)
+  seconds = time.perf_counter() - start
+  return {"seconds": seconds, "peak_gib": _peak_rss_gib()}
+
+
+def _warm_cache(workdir: str) -> None:
+  for root, _, files in os.walk(workdir):
+    for name in files:
+      with open(os.path.join(root, name), "rb") as f:
+        while f.read(1 << 24):
+          pass
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--workdir", default="/tmp/fws_bench_w1", help="where checkpoints are built (reused)")
+  parser.add_argument("--runs", type=int, default=5, help="runs per method")
+  parser.add_argument("--methods", default="orbax,numpy,fws,tf", help="comma-separated subset")
+  parser.add_argument("--pause", type=float, default=3.0, help="seconds between runs")
+  parser.add_argument("--one", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.one:
+    print(json.dumps(run_one(args.one, args.workdir)))
+    return
+  build(args.workdir)
+  has_tf = json.load(open(os.path.join(args.workdir, "built.json")))["tf"]
+  methods = [m for m in args.methods.split(",") if m != "tf" or has_tf]
+  results: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
+  env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+  for run in range(args.runs):
+    for method in methods:  # alternate methods so drift hits all alike
+      _warm_cache(args.workdir)
+      time.sleep(args.pause)
+      out = subprocess.run(
+        [sys.executable, __file__, "--workdir", args.workdir, "--one", method],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+      )
+      result = json.loads(out.stdout.strip().splitlines()[-1])
+      results[method].append(result)
+      print(f"run {run} {method:6s} {result['seconds']:7.2f} s  peak {result['peak_gib']:.2f} GiB", flush=True)
+  print(
+    f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+  )
+  med = {m: statistics.median(r["seconds"] for r in rs) for m, rs in results.items()}
+  peak = {m: statistics.median(r["peak_gib"] for r in rs) for m, rs in results.items()}
+  print(f"{'method':8s} {'median s':>9s} {'peak GiB':>9s} {'x orbax':>8s} {'x numpy':>8s}")
+  for m in methods:
+    print(
+      f"{m:8s} {med[m]:9.2f} {peak[m]:9.2f} {med[m] / med.get('orbax', float('nan')):8.2f}"
+      f" {med[m] / med.get('numpy', float('nan')):8.2f}"
+    )
+
+
+if __name__ == "__main__":
+  main()
