@@ -9,6 +9,7 @@ considered lines, is an error naming the file, the line and the token.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -56,11 +57,12 @@ def read_vocab(source: VocabSource, *, size: int = -1) -> list[str]:
     path = epath.Path(source)
     if not path.exists():
       raise WarmStartError(f"Vocabulary file {where} does not exist.")
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-      lines.pop()  # A final newline ends the last line; it does not start one.
-    tokens = [(line[:-1] if line.endswith(b"\r") else line).decode("utf-8", "surrogateescape") for line in lines]
+    text = path.read_bytes().decode("utf-8", "surrogateescape")
+    tokens = text.split("\n")
+    if tokens and tokens[-1] == "":
+      tokens.pop()  # A final newline ends the last line; it does not start one.
+    if "\r" in text:
+      tokens = [t[:-1] if t.endswith("\r") else t for t in tokens]
   else:
     tokens = list(source)
     bad = [t for t in tokens if not isinstance(t, str)]
@@ -84,7 +86,7 @@ def read_vocab(source: VocabSource, *, size: int = -1) -> list[str]:
 
 def token_index(tokens: Sequence[str], where: str) -> dict[str, int]:
   """Token -> line number; a duplicate token is an error naming both lines."""
-  index = {tok: i for i, tok in enumerate(tokens)}
+  index = dict(zip(tokens, range(len(tokens)), strict=True))
   if len(index) != len(tokens):
     seen: dict[str, int] = {}
     for i, tok in enumerate(tokens):
@@ -203,12 +205,13 @@ def build_mapping(
       " (lookup table size must be larger than last new vocab entry's line). Check new_vocab_size."
     )
   tokens = new_tokens[:n_load]
-  index = np.fromiter((old_index.get(t, -1) for t in tokens), dtype=np.int32, count=n_load)
+  index = np.array(list(map(old_index.get, tokens, itertools.repeat(-1))), dtype=np.int32).reshape(n_load)
   slot_index = index.copy()
   problems = []
-  row_of = {}
-  for row, tok in enumerate(tokens):
-    row_of.setdefault(tok, row)
+  row_of: dict[str, int] = {}
+  if donors or vectors:
+    for row, tok in enumerate(tokens):
+      row_of.setdefault(tok, row)
   donated = 0
   for tok, donor in (donors or {}).items():
     if tok not in row_of:
@@ -244,7 +247,8 @@ def build_mapping(
   fill_index[n_load:] = len(missing) + len(explicit_rows) + np.arange(num_oov, dtype=np.int32)
   full_index = np.concatenate([index, np.full(num_oov, -1, np.int32)])
   full_slot_index = np.concatenate([slot_index, np.full(num_oov, -1, np.int32)])
-  used = np.unique(index[index >= 0]).size
+  used = np.zeros(len(old_tokens), dtype=bool)
+  used[index[index >= 0]] = True
   return VocabMapping(
     index=full_index,
     slot_index=full_slot_index,
@@ -255,7 +259,7 @@ def build_mapping(
     copied=int(np.count_nonzero(slot_index >= 0)),
     donated=donated,
     oov=num_oov,
-    dropped=len(old_tokens) - used,
+    dropped=len(old_tokens) - int(used.sum()),
     old_rows_used=len(old_tokens),
   )
 
