@@ -112,7 +112,7 @@ def _remap(
   shape = [1] * table.ndim
   shape[axis] = index.shape[0]
   missing = (index < 0).reshape(shape)
-  if fill is None:
+  if fill is None or fill.shape[axis] == 0:  # Every row found in the old vocabulary.
     values = jnp.zeros((), table.dtype)
   else:
     values = jnp.take(fill.astype(table.dtype), fill_index, axis=axis, mode="clip")
