@@ -139,7 +139,9 @@ def execute(plan: WarmStartPlan, state: State, *, rng: jax.Array | None = None) 
   for i, row in enumerate(plan.leaves):
     if row.action != "keep" and row.source not in targets:
       targets[row.source] = _restore_spec(leaves[i], row)
-  restored = checkpoint_lib.restore(plan.checkpoint, targets)
+  # Wait for the reads to land: Orbax's host staging buffers are then freed
+  # before the gathers allocate their outputs (1 GiB less peak for a 1 GiB table).
+  restored = jax.block_until_ready(checkpoint_lib.restore(plan.checkpoint, targets))
   new_leaves = [np.array(x) if isinstance(x, np.ndarray) else x for x in leaves]
   for i, row in enumerate(plan.leaves):
     if row.action == "copy":
