@@ -19,7 +19,9 @@ from flax_warmstart.settings import VocabInfo as VocabInfo
 from flax_warmstart.settings import WarmStartSettings as WarmStartSettings
 from flax_warmstart.warm_start import execute as execute
 from flax_warmstart.warm_start import has_checkpoint as has_checkpoint
+from flax_warmstart.warm_start import init_from_checkpoint as init_from_checkpoint
 from flax_warmstart.warm_start import plan as plan
+from flax_warmstart.warm_start import plan_init_from_checkpoint as plan_init_from_checkpoint
 from flax_warmstart.warm_start import warm_start as warm_start
 from flax_warmstart.warm_start import warm_start_or_resume as warm_start_or_resume
 

@@ -19,12 +19,13 @@ import numpy as np
 from flax_warmstart.checkpoint import Checkpoint
 from flax_warmstart.errors import WarmStartError, did_you_mean
 from flax_warmstart.naming import Variable
+from flax_warmstart.rename import PREV, Renamer
 from flax_warmstart.settings import WarmStartSettings
 from flax_warmstart.vocab import Remap, plan_remap
 
 logger = logging.getLogger("flax_warmstart")
 
-Action = Literal["copy", "remap", "keep"]
+Action = Literal["copy", "remap", "keep", "reset"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +35,8 @@ class LeafPlan:
   Attributes:
     name: The leaf's name under the naming contract.
     action: `"copy"` (from checkpoint tensor `source`), `"remap"` (from
-      `source` through `vocab_info`) or `"keep"` (the current value stays).
+      `source` through a vocabulary remap), `"keep"` (the current value
+      stays) or `"reset"` (the optimizer's fresh init, or step 0).
     reason: Which setting decided the action, in words.
     source: The checkpoint name read, or None for `keep`.
     shape: Shape of the live leaf.
@@ -43,6 +45,7 @@ class LeafPlan:
     source_dtype: Dtype of the checkpoint tensor (cast to `dtype` if different).
     remap: For `remap`, the vocabulary remap (its `VocabInfo`, row mapping and
       statistics).
+    checkpoint: For `copy` and `remap`, the checkpoint read.
 
   Examples:
     >>> import numpy as np
@@ -62,6 +65,7 @@ class LeafPlan:
   source_shape: tuple[int, ...] | None = None
   source_dtype: np.dtype | None = None
   remap: Remap | None = None
+  checkpoint: Checkpoint | None = None
 
   @property
   def cast(self) -> bool:
@@ -81,9 +85,11 @@ class WarmStartPlan:
   """A validated warm start: one `LeafPlan` per leaf, in the state's order.
 
   Attributes:
-    checkpoint: The checkpoint the plan reads from (metadata only).
+    checkpoints: The checkpoints the plan reads from (metadata only), each
+      read once.
     leaves: One `LeafPlan` per leaf of the live state.
-    settings: The settings the plan was built from.
+    sources: What the plan was built from: `WarmStartSettings` or an
+      assignment map, one per checkpoint source.
 
   Examples:
     >>> import tempfile, jax.numpy as jnp, orbax.checkpoint as ocp
@@ -99,27 +105,34 @@ class WarmStartPlan:
     1 of 2 leaves from .../ckpt, 16 B to read; 1 kept
   """
 
-  checkpoint: Checkpoint
+  checkpoints: tuple[Checkpoint, ...]
   leaves: tuple[LeafPlan, ...]
-  settings: WarmStartSettings
+  sources: tuple[Any, ...]
 
   @property
   def loaded(self) -> tuple[LeafPlan, ...]:
-    """The leaves whose value comes from the checkpoint."""
-    return tuple(leaf for leaf in self.leaves if leaf.action != "keep")
+    """The leaves whose value comes from a checkpoint."""
+    return tuple(leaf for leaf in self.leaves if leaf.action in ("copy", "remap"))
+
+  @property
+  def reset(self) -> tuple[LeafPlan, ...]:
+    """The leaves set to the optimizer's fresh init (or step 0)."""
+    return tuple(leaf for leaf in self.leaves if leaf.action == "reset")
 
   @property
   def nbytes(self) -> int:
     """Total bytes read from the checkpoint."""
     # A tensor feeding several leaves is read once.
-    return sum({leaf.source: leaf.nbytes for leaf in self.loaded}.values())
+    return sum({(id(leaf.checkpoint), leaf.source): leaf.nbytes for leaf in self.loaded}.values())
 
   def summary(self) -> str:
     """One line: how many leaves come from where, and the bytes read."""
-    kept = len(self.leaves) - len(self.loaded)
+    kept = len(self.leaves) - len(self.loaded) - len(self.reset)
+    where = " and ".join(c.describe() for c in self.checkpoints) or "no checkpoint"
+    reset = f", {len(self.reset)} reset" if self.reset else ""
     return (
-      f"{len(self.loaded)} of {len(self.leaves)} leaves from"
-      f" {self.checkpoint.describe()}, {_human_bytes(self.nbytes)} to read; {kept} kept"
+      f"{len(self.loaded)} of {len(self.leaves)} leaves from {where},"
+      f" {_human_bytes(self.nbytes)} to read; {kept} kept{reset}"
     )
 
   def __str__(self) -> str:
@@ -179,6 +192,36 @@ def select(
   return set(grouped), grouped, problems
 
 
+def _is_optimizer(v: Variable) -> bool:
+  """Optimizer state: leaves under a root `opt_state` (TrainState, nnx.Optimizer)."""
+  return v.kind != "param" and (v.slot or v.name).split("/")[0] == "opt_state"
+
+
+def _is_step(v: Variable) -> bool:
+  return v.kind == "other" and v.name == "step"
+
+
+def apply_policies(
+  variables: Sequence[Variable], warm: set[str], settings: WarmStartSettings
+) -> tuple[set[str], dict[str, str]]:
+  """Applies `optimizer_state` and `step`: returns the new warm set and `{name: reason}` of leaves to reset."""
+  warm = set(warm)
+  reset: dict[str, str] = {}
+  for policy, members, what in (
+    (settings.optimizer_state, [v for v in variables if _is_optimizer(v)], "optimizer_state"),
+    (settings.step, [v for v in variables if _is_step(v)], "step"),
+  ):
+    names = {v.name for v in members}
+    if policy == "keep":
+      warm -= names
+    elif policy == "reset":
+      warm -= names
+      reset.update(dict.fromkeys(names, f"{what}='reset'"))
+    elif policy == "load":
+      warm |= {v.name for v in members if v.kind != "slot" or v.param in warm}
+  return warm, reset
+
+
 def build_plan(
   variables: Sequence[Variable],
   leaves: Sequence[Any],
@@ -197,26 +240,29 @@ def build_plan(
     The plan.
 
   Raises:
-    WarmStartError: Listing every problem: unused `var_name_to_prev_var_name`
-      or `var_name_to_vocab_info` keys, selected variables missing from the
-      checkpoint, shape mismatches.
+    WarmStartError: Listing every problem: unused `var_name_to_prev_var_name`,
+      `var_name_to_vocab_info` or `rename_rules` entries, selected variables
+      missing from the checkpoint, shape mismatches, vocabulary problems.
   """
   warm, grouped, problems = select(variables, leaves, settings)
+  warm, reset = apply_policies(variables, warm, settings)
+  grouped |= warm
   prev = settings.var_name_to_prev_var_name
   vocab = settings.var_name_to_vocab_info
   slot_params = {v.param for v in variables if v.kind == "slot" and v.name in grouped}
+  shapes = {v.name: v.shape for v in variables}
 
   for key, old in prev.items():
     if old and (key in grouped or key in slot_params):
       continue
-    problems.append(_unused("var_name_to_prev_var_name", key, old, grouped, variables, settings))
+    problems.append(_unused(PREV, key, old, grouped, variables, settings))
   for key in vocab:
     if key not in grouped:
       problems.append(_unused("var_name_to_vocab_info", key, None, grouped, variables, settings))
 
   ckpt = checkpoint.variables
   where = checkpoint.describe()
-  rows = []
+  renamer = Renamer(prev, settings.rename_rules)
   # One mapping per (parameter, shapes): a parameter's slots reuse it, and
   # vocabulary files are read once.
   remaps: dict[tuple[str, tuple[int, ...], tuple[int, ...]], Remap | None] = {}
@@ -230,25 +276,32 @@ def build_plan(
 
   rows = []
   for v in variables:
+    if v.name in reset:
+      rows.append(LeafPlan(v.name, "reset", reset[v.name], shape=v.shape, dtype=v.dtype))
+      continue
     if v.name not in warm:
       rows.append(LeafPlan(v.name, "keep", "not selected", shape=v.shape, dtype=v.dtype))
       continue
-    source, renamed = _source_name(v, prev)
-    via = f" (renamed from {v.name!r} by var_name_to_prev_var_name)" if renamed else ""
+    source, how = renamer.source(v)
+    if source is None:
+      rows.append(LeafPlan(v.name, "keep", f"{how} keeps it", shape=v.shape, dtype=v.dtype))
+      continue
+    via = f" (renamed from {v.name!r} by {how})" if how else ""
     found = ckpt.get(source)
     if found is None:
       if settings.skip_missing:
         reason = f"missing from checkpoint as {source!r} (skip_missing)"
         rows.append(LeafPlan(v.name, "keep", reason, shape=v.shape, dtype=v.dtype))
         continue
+      hint = " or optimizer_state='reset'/'keep' if the optimizer changed," if _is_optimizer(v) else ""
       problems.append(
         f"{v.name!r}: no tensor {source!r}{via} in checkpoint {where}."
-        f"{did_you_mean(source, ckpt)} Map it with var_name_to_prev_var_name,"
-        " leave it out of vars_to_warm_start, or set skip_missing=True to keep its"
+        f"{did_you_mean(source, ckpt)} Map it with var_name_to_prev_var_name or rename_rules,"
+        f" leave it out of vars_to_warm_start,{hint} or set skip_missing=True to keep its"
         " current value."
       )
       continue
-    reason = "selected" + (", renamed" if renamed else "")
+    reason = "selected" + (f", renamed by {how}" if how else "")
     remap = None
     if v.name in vocab:
       remap = remap_for(v.name, source, v.shape, found.shape)
@@ -257,8 +310,7 @@ def build_plan(
       stats = remap.mapping.stats()
       reason += f", vocabulary remap ({stats['copied']} copied, {stats['new']} new, {stats['oov']} OOV)"
     elif v.kind == "slot" and v.param in vocab:
-      param = next((p for p in variables if p.name == v.param), None)
-      if param is None or v.shape != param.shape:
+      if v.shape != shapes.get(v.param):
         reason = f"factored slot of remapped {v.param!r}: cannot follow its rows, kept at its current (init) value"
         rows.append(LeafPlan(v.name, "keep", reason, shape=v.shape, dtype=v.dtype))
         continue
@@ -285,20 +337,56 @@ def build_plan(
         source_shape=found.shape,
         source_dtype=found.dtype,
         remap=remap,
+        checkpoint=checkpoint,
       )
     )
+  problems += renamer.unused_rules([v.name for v in variables])
   if problems:
     raise WarmStartError(problems, header=f"Cannot warm-start from {where}")
-  return WarmStartPlan(checkpoint=checkpoint, leaves=tuple(rows), settings=settings)
+  return WarmStartPlan(checkpoints=(checkpoint,), leaves=tuple(rows), sources=(settings,))
 
 
-def _source_name(v: Variable, prev: Any) -> tuple[str, bool]:
-  """The checkpoint name of a leaf: its own, or renamed (a slot follows its parameter)."""
-  if prev.get(v.name):
-    return prev[v.name], True
-  if v.kind == "slot" and prev.get(v.param):
-    return f"{prev[v.param]}/{v.slot}", True
-  return v.name, False
+def combine(plans: Sequence[WarmStartPlan], overlap: str = "error") -> WarmStartPlan:
+  """Merges the plans of several sources for one state into one plan.
+
+  Args:
+    plans: One plan per source, all for the same state.
+    overlap: What to do when several sources load (or reset) the same leaf:
+      `"error"`, `"first"` (the earliest source wins) or `"last"`.
+
+  Returns:
+    One plan; each distinct checkpoint appears once.
+
+  Raises:
+    WarmStartError: Listing the leaves claimed by several sources, with
+      `overlap="error"`.
+  """
+  if overlap not in ("error", "first", "last"):
+    raise WarmStartError(f"overlap must be 'error', 'first' or 'last', got {overlap!r}.")
+  if len(plans) == 1:
+    return plans[0]
+  problems = []
+  rows = []
+  for leaf_rows in zip(*(p.leaves for p in plans), strict=True):
+    claims = [(k, row) for k, row in enumerate(leaf_rows) if row.action != "keep"]
+    if len(claims) > 1 and overlap == "error":
+      who = " and ".join(f"source #{k} ({_describe_source(plans[k])})" for k, _ in claims)
+      problems.append(
+        f"{leaf_rows[0].name!r} is claimed by {who}. Narrow their selections, or pass overlap='first' or"
+        " 'last' to say which source wins."
+      )
+    if not claims:
+      rows.append(leaf_rows[0])
+    else:
+      rows.append((claims[0] if overlap != "last" else claims[-1])[1])
+  if problems:
+    raise WarmStartError(problems, header="Several sources load the same variables")
+  checkpoints = tuple({id(c): c for p in plans for c in p.checkpoints}.values())
+  return WarmStartPlan(checkpoints=checkpoints, leaves=tuple(rows), sources=tuple(s for p in plans for s in p.sources))
+
+
+def _describe_source(plan: WarmStartPlan) -> str:
+  return ", ".join(c.describe() for c in plan.checkpoints)
 
 
 def _unused(

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from flax.core import FrozenDict
 
 from flax_warmstart.errors import WarmStartError
+
+# What happens to the optimizer state and the step (see WarmStartSettings).
+Policy = Literal["select", "load", "reset", "keep"]
+POLICIES = ("select", "load", "reset", "keep")
 
 # What `vars_to_warm_start` may be: a regex over parameter names, a list of
 # regexes over every name, a predicate `(name, leaf) -> bool`, or None.
@@ -124,6 +129,23 @@ class WarmStartSettings:
     ckpt_item: The item to read when a step directory holds several (e.g.
       `"state"` of a `CheckpointManager` with `item_names`). By default the
       only PyTree item, or the one whose names best match the live state.
+    rename_rules: T5X-style regex renames, an ordered list of
+      `(new_name_regex, old_name_template)`: the first regex that
+      `re.fullmatch`es a selected name gives its checkpoint name by
+      `match.expand(template)` (`\\1` group references); a template of `None`
+      keeps the leaf at its current (fresh) value. A rule that matches no
+      selected name is an error. `var_name_to_prev_var_name` takes precedence
+      (an exact name beats a pattern); a parameter's rename carries its slots.
+    optimizer_state: What happens to the optimizer state (leaves under
+      `opt_state`): `"select"` (default) follows `vars_to_warm_start`, as in
+      TensorFlow; `"load"` loads the slots of every loaded parameter and the
+      optimizer's counters; `"reset"` sets it to the optimizer's fresh init
+      (`state.tx.init(params)`, after params are loaded); `"keep"` keeps the
+      live value whatever is selected. Changing the optimizer between runs
+      works with `"keep"` (a fresh state) or `"reset"`.
+    step: What happens to the root `step`: `"select"` (default), `"load"`
+      (continue from the old step: learning-rate schedules continue),
+      `"reset"` (start at 0: schedules restart), `"keep"` (the live value).
 
   Examples:
     >>> s = WarmStartSettings("/runs/old", vars_to_warm_start=[".*encoder.*"],
@@ -138,6 +160,9 @@ class WarmStartSettings:
   var_name_to_prev_var_name: Mapping[str, str] = dataclasses.field(default_factory=FrozenDict)
   skip_missing: bool = False
   ckpt_item: str | None = None
+  rename_rules: Sequence[tuple[str, str | None]] = ()
+  optimizer_state: Policy = "select"
+  step: Policy = "select"
 
   def __post_init__(self) -> None:
     problems = []
@@ -168,8 +193,36 @@ class WarmStartSettings:
     object.__setattr__(self, "var_name_to_prev_var_name", prev)
     if self.ckpt_item is not None and not isinstance(self.ckpt_item, str):
       problems.append(f"`ckpt_item` must be an item name (str) or None, got {self.ckpt_item!r}.")
+    object.__setattr__(self, "rename_rules", _normalize_rules(self.rename_rules, problems))
+    for field in ("optimizer_state", "step"):
+      if getattr(self, field) not in POLICIES:
+        problems.append(f"`{field}` must be one of {list(POLICIES)}, got {getattr(self, field)!r}.")
     if problems:
       raise WarmStartError(problems, header="Invalid WarmStartSettings")
+
+
+def _normalize_rules(rules: Any, problems: list[str]) -> tuple[tuple[str, str | None], ...]:
+  """Validates `rename_rules`: (regex, template or None) pairs with valid regexes."""
+  if rules is None:
+    return ()
+  if isinstance(rules, Mapping):
+    rules = list(rules.items())
+  out = []
+  for rule in rules:
+    if not (isinstance(rule, list | tuple) and len(rule) == 2 and isinstance(rule[0], str)):
+      problems.append(f"rename_rules entries must be (new_name_regex, old_name_template or None) pairs, got {rule!r}.")
+      continue
+    pattern, template = rule
+    if template is not None and not isinstance(template, str):
+      problems.append(f"rename_rules template for {pattern!r} must be a str or None, got {template!r}.")
+      continue
+    try:
+      re.compile(pattern)
+    except re.error as err:
+      problems.append(f"rename_rules regex {pattern!r} is not a valid regex: {err}.")
+      continue
+    out.append((pattern, template))
+  return tuple(out)
 
 
 def _normalize_vars(value: Any, problems: list[str]) -> VarsToWarmStart:

@@ -1,0 +1,152 @@
+"""`init_from_checkpoint`: TensorFlow's assignment maps, as a warm-start plan.
+
+`tf.compat.v1.train.init_from_checkpoint(ckpt_dir_or_file, assignment_map)`
+maps checkpoint names (left) to variables or scopes of the live state (right):
+
+* `{"old/var": "new/var"}`: one tensor into one variable.
+* `{"old_scope/": "new_scope/"}`: every variable under `new_scope/` (at any
+  depth; `new_scope/` does not capture `new_scope_1/`) loads the tensor of the
+  same relative name under `old_scope/`.
+* `{"/": "new_scope/"}`: from the checkpoint's root; `{"old_scope/": "/"}`:
+  into every variable; `{"/": "/"}`: every variable by its own name.
+* A list of `(ckpt_name, new_name)` pairs loads one tensor into several
+  variables. Pairs are processed sorted by checkpoint name (stable), and when
+  a variable is assigned twice the last one wins.
+
+Variables are every leaf of the state under the naming contract (parameters,
+optimizer slots, statistics, `step`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from flax_warmstart.checkpoint import Checkpoint
+from flax_warmstart.errors import WarmStartError, did_you_mean
+from flax_warmstart.naming import Variable
+from flax_warmstart.plan import LeafPlan, WarmStartPlan
+
+AssignmentMap = Mapping[str, str] | Sequence[tuple[str, str]]
+
+
+def _pairs(assignment_map: AssignmentMap) -> list[tuple[str, str]]:
+  if isinstance(assignment_map, Mapping):
+    pairs = list(assignment_map.items())
+  elif isinstance(assignment_map, Sequence) and not isinstance(assignment_map, str):
+    pairs = list(assignment_map)
+  else:
+    raise WarmStartError(
+      f"assignment_map must be a dict or a list of (ckpt_name, new_name) pairs, got {type(assignment_map).__name__}."
+    )
+  bad = [p for p in pairs if not (isinstance(p, tuple | list) and len(p) == 2 and all(isinstance(x, str) for x in p))]
+  if bad:
+    raise WarmStartError(f"assignment_map entries must be (ckpt_name: str, new_name: str) pairs; got {bad[0]!r}.")
+  return sorted(((str(a), str(b)) for a, b in pairs), key=lambda p: p[0])
+
+
+def build_assignment_plan(
+  variables: Sequence[Variable],
+  checkpoint: Checkpoint,
+  assignment_map: AssignmentMap,
+  *,
+  allow_empty_scopes: bool = False,
+) -> WarmStartPlan:
+  """Builds the plan of `init_from_checkpoint`.
+
+  Args:
+    variables: The live state's named leaves.
+    checkpoint: The checkpoint's metadata.
+    assignment_map: Checkpoint name or scope -> variable name or scope.
+    allow_empty_scopes: If True, a scope mapping whose target scope holds no
+      variable is skipped (TensorFlow's behaviour) instead of an error.
+
+  Returns:
+    The plan.
+
+  Raises:
+    WarmStartError: Listing every problem: missing tensors, malformed pairs,
+      shape mismatches, empty target scopes.
+  """
+  by_name = {v.name: v for v in variables}
+  names = sorted(by_name)
+  ckpt = checkpoint.variables
+  where = checkpoint.describe()
+  problems: list[str] = []
+  assigned: dict[str, tuple[str, str]] = {}  # variable -> (checkpoint name, pair that set it)
+
+  def assign(var: str, tensor: str, pair: str) -> None:
+    v, found = by_name[var], ckpt[tensor]
+    if found.shape != v.shape:
+      problems.append(
+        f"Shape of variable {var!r} ({v.shape}) doesn't match with shape of tensor {tensor!r} ({found.shape})"
+        f" from checkpoint {where} (assignment {pair})."
+      )
+      return
+    assigned[var] = (tensor, pair)
+
+  for ckpt_name, target in _pairs(assignment_map):
+    pair = f"{ckpt_name!r}: {target!r}"
+    if target in by_name:  # One tensor into one variable.
+      if ckpt_name not in ckpt:
+        problems.append(
+          f"Tensor {ckpt_name!r} is not found in {where} checkpoint (assignment {pair}).{did_you_mean(ckpt_name, ckpt)}"
+        )
+      else:
+        assign(target, ckpt_name, pair)
+      continue
+    if not target.endswith("/"):
+      scope = target.rsplit("/", 1)[0] + "/" if "/" in target else ""
+      problems.append(
+        f"Assignment {pair}: {target!r} is neither a variable of the state nor a scope ending in '/'"
+        f" (TensorFlow would silently use scope {scope!r})."
+        f"{did_you_mean(target, names)} Write 'scope/' for a scope."
+      )
+      continue
+    if not ckpt_name.endswith("/"):
+      problems.append(
+        f"Assignment map with scope only name {target!r} should map to scope only {ckpt_name!r}."
+        f" Should be 'scope/': 'other_scope/' (assignment {pair})."
+      )
+      continue
+    scope = "" if target == "/" else target
+    members = [n for n in names if n.startswith(scope)]
+    if not members:
+      if not allow_empty_scopes:
+        problems.append(
+          f"Assignment {pair}: no variable of the state is under scope {target!r}"
+          f" (TensorFlow would do nothing).{did_you_mean(target, names)} Fix the scope, or pass"
+          " allow_empty_scopes=True to skip it."
+        )
+      continue
+    for var in members:
+      tensor = var[len(scope) :] if ckpt_name == "/" else ckpt_name + var[len(scope) :]
+      if tensor not in ckpt:
+        problems.append(
+          f"Tensor {tensor!r} ({var[len(scope) :]!r} in {ckpt_name!r}) is not found in {where} checkpoint"
+          f" (for variable {var!r}, assignment {pair}).{did_you_mean(tensor, ckpt)}"
+        )
+        continue
+      assign(var, tensor, pair)
+  if problems:
+    raise WarmStartError(problems, header=f"Cannot init_from_checkpoint {where}")
+  rows = []
+  for v in variables:
+    if v.name not in assigned:
+      rows.append(LeafPlan(v.name, "keep", "not in assignment_map", shape=v.shape, dtype=v.dtype))
+      continue
+    tensor, pair = assigned[v.name]
+    found = ckpt[tensor]
+    rows.append(
+      LeafPlan(
+        v.name,
+        "copy",
+        f"assignment {pair}",
+        source=tensor,
+        shape=v.shape,
+        dtype=v.dtype,
+        source_shape=found.shape,
+        source_dtype=found.dtype,
+        checkpoint=checkpoint,
+      )
+    )
+  return WarmStartPlan(checkpoints=(checkpoint,), leaves=tuple(rows), sources=(assignment_map,))

@@ -1,0 +1,75 @@
+"""Where a selected leaf comes from in the checkpoint.
+
+In order of precedence: its own `var_name_to_prev_var_name` entry (an exact
+name), the first `rename_rules` regex that fully matches its name (T5X's
+assignment-map rules), its parameter's rename plus its slot path (for an
+optimizer slot), else its own name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+from flax_warmstart.naming import Variable
+
+PREV = "var_name_to_prev_var_name"
+
+
+class Renamer:
+  """Resolves checkpoint names; remembers which rules were used.
+
+  Args:
+    prev: `var_name_to_prev_var_name`.
+    rules: `rename_rules`, `(regex, template or None)` pairs.
+
+  Examples:
+    >>> r = Renamer({}, [(r"encoder/(.*)", r"old_encoder/\\1"), (r"head/.*", None)])
+    >>> r.source(Variable("encoder/kernel", "param", 0, None, None, (), None))
+    ('old_encoder/kernel', 'rename_rules[0]')
+    >>> r.source(Variable("head/bias", "param", 1, None, None, (), None))
+    (None, 'rename_rules[1]')
+  """
+
+  def __init__(self, prev: Mapping[str, str], rules: Sequence[tuple[str, str | None]]) -> None:
+    self.prev = prev
+    self.rules = [(re.compile(pattern), template) for pattern, template in rules]
+    self.used = [False] * len(self.rules)
+
+  def _rule(self, name: str) -> tuple[str | None, str] | None:
+    for k, (regex, template) in enumerate(self.rules):
+      match = regex.fullmatch(name)
+      if match:
+        self.used[k] = True
+        return (None if template is None else match.expand(template)), f"rename_rules[{k}]"
+    return None
+
+  def _name(self, name: str) -> tuple[str | None, str] | None:
+    if self.prev.get(name):
+      return self.prev[name], PREV
+    return self._rule(name)
+
+  def source(self, v: Variable) -> tuple[str | None, str | None]:
+    """`(checkpoint name, how)`: the name is None when a rule keeps the leaf; `how` is None when not renamed."""
+    found = self._name(v.name)
+    if found is None and v.kind == "slot":
+      found = self._name(v.param)
+      if found is not None:
+        old, how = found
+        found = (None if old is None else f"{old}/{v.slot}"), f"{how} of its parameter"
+    return found if found is not None else (v.name, None)
+
+  def unused_rules(self, names: Sequence[str]) -> list[str]:
+    """Messages for rules that matched no selected name (`names`: every name of the state)."""
+    out = []
+    for k, ((regex, template), used) in enumerate(zip(self.rules, self.used, strict=True)):
+      if used:
+        continue
+      others = [n for n in names if regex.fullmatch(n)]
+      hint = (
+        f" It matches {len(others)} unselected names (e.g. {others[0]!r}): select them in vars_to_warm_start."
+        if others
+        else " Names are matched with re.fullmatch against flax_warmstart.variable_names(state)."
+      )
+      out.append(f"rename_rules[{k}] ({regex.pattern!r} -> {template!r}) matched no selected variable.{hint}")
+    return out
