@@ -29,14 +29,18 @@ __version__ = "0.1.0"
 
 __all__ = (
   "LeafPlan",
+  "MeanCovarianceOfOldRows",
+  "MeanOfOldRows",
   "VocabInfo",
   "WarmStartError",
   "WarmStartPlan",
   "WarmStartSettings",
   "execute",
   "has_checkpoint",
+  "init_from_checkpoint",
   "list_variables",
   "plan",
+  "plan_init_from_checkpoint",
   "variable_names",
   "warm_start",
   "warm_start_or_resume",

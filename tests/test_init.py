@@ -18,3 +18,11 @@ def test_public_names_have_docstrings_with_examples():
     obj = getattr(fws, name)
     if inspect.isfunction(obj):
       assert "Args:" in doc and "Returns:" in doc and "Examples:" in doc, name
+
+
+def test_every_reexport_is_in_all():
+  import re
+  from pathlib import Path
+
+  source = Path(fws.__file__).read_text()
+  assert sorted(re.findall(r"import (\w+) as \1", source)) == sorted(fws.__all__)
