@@ -340,7 +340,7 @@ def build_plan(
         checkpoint=checkpoint,
       )
     )
-  problems += renamer.unused_rules([v.name for v in variables])
+  problems += renamer.unused_rules([v.name for v in variables], warm)
   if problems:
     raise WarmStartError(problems, header=f"Cannot warm-start from {where}")
   return WarmStartPlan(checkpoints=(checkpoint,), leaves=tuple(rows), sources=(settings,))

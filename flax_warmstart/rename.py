@@ -59,17 +59,30 @@ class Renamer:
         found = (None if old is None else f"{old}/{v.slot}"), f"{how} of its parameter"
     return found if found is not None else (v.name, None)
 
-  def unused_rules(self, names: Sequence[str]) -> list[str]:
-    """Messages for rules that matched no selected name (`names`: every name of the state)."""
+  def unused_rules(self, names: Sequence[str], selected: set[str]) -> list[str]:
+    """Messages for rules that decided no selected name.
+
+    Args:
+      names: Every name of the state.
+      selected: The selected names.
+
+    Returns:
+      One message per unused rule, saying why it was unused.
+    """
     out = []
     for k, ((regex, template), used) in enumerate(zip(self.rules, self.used, strict=True)):
       if used:
         continue
-      others = [n for n in names if regex.fullmatch(n)]
-      hint = (
-        f" It matches {len(others)} unselected names (e.g. {others[0]!r}): select them in vars_to_warm_start."
-        if others
-        else " Names are matched with re.fullmatch against flax_warmstart.variable_names(state)."
-      )
+      matches = [n for n in names if regex.fullmatch(n)]
+      shadowed = [n for n in matches if n in selected]
+      if shadowed:
+        hint = (
+          f" It matches {shadowed[0]!r}, but an earlier rule or var_name_to_prev_var_name decides it"
+          " first: reorder or drop the rules."
+        )
+      elif matches:
+        hint = f" It matches {len(matches)} unselected names (e.g. {matches[0]!r}): select them in vars_to_warm_start."
+      else:
+        hint = " Names are matched with re.fullmatch against flax_warmstart.variable_names(state)."
       out.append(f"rename_rules[{k}] ({regex.pattern!r} -> {template!r}) matched no selected variable.{hint}")
     return out

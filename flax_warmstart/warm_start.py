@@ -102,7 +102,7 @@ def plan(
   cache: dict[tuple[str, str | None], checkpoint_lib.Checkpoint] = {}
   plans, errors = [], []
   for k, source in enumerate(sources):
-    key = (os.fspath(source.ckpt_to_initialize_from), source.ckpt_item)
+    key = (_normalize(source.ckpt_to_initialize_from), source.ckpt_item)
     try:
       if key not in cache:  # each checkpoint's metadata is read once
         cache[key] = checkpoint_lib.load_checkpoint(key[0], item=key[1], prefer_names=names)
@@ -118,6 +118,12 @@ def plan(
   if any(row.action == "reset" and row.name != "step" for row in result.leaves):
     _check_can_reset(inner)
   return result
+
+
+def _normalize(location: str | os.PathLike) -> str:
+  """One spelling per directory (`a`, `a/`, `./a`), so that each is read once."""
+  path = os.fspath(location)
+  return path.rstrip("/") if "://" in path else os.path.abspath(path)
 
 
 def _check_can_reset(state: Any) -> None:
@@ -191,7 +197,9 @@ def execute(plan: WarmStartPlan, state: State, *, rng: jax.Array | None = None) 
   return jax.tree_util.tree_unflatten(treedef, new_leaves)
 
 
-def _reset_optimizer(plan: WarmStartPlan, state: Any, treedef: Any, leaves: list[Any], new_leaves: list[Any]) -> list[Any]:
+def _reset_optimizer(
+  plan: WarmStartPlan, state: Any, treedef: Any, leaves: list[Any], new_leaves: list[Any]
+) -> list[Any]:
   """The optimizer's fresh init for the reset leaves, from the warm-started params."""
   _check_can_reset(state)
   merged = jax.tree_util.tree_unflatten(treedef, new_leaves)
