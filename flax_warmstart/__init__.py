@@ -10,6 +10,7 @@ The JAX counterpart of TensorFlow's `tf.estimator.WarmStartSettings` and
 
 from flax_warmstart.checkpoint import list_variables as list_variables
 from flax_warmstart.errors import WarmStartError as WarmStartError
+from flax_warmstart.execute import execute as execute
 from flax_warmstart.naming import variable_names as variable_names
 from flax_warmstart.plan import LeafPlan as LeafPlan
 from flax_warmstart.plan import WarmStartPlan as WarmStartPlan
@@ -17,7 +18,6 @@ from flax_warmstart.remap import MeanCovarianceOfOldRows as MeanCovarianceOfOldR
 from flax_warmstart.remap import MeanOfOldRows as MeanOfOldRows
 from flax_warmstart.settings import VocabInfo as VocabInfo
 from flax_warmstart.settings import WarmStartSettings as WarmStartSettings
-from flax_warmstart.warm_start import execute as execute
 from flax_warmstart.warm_start import has_checkpoint as has_checkpoint
 from flax_warmstart.warm_start import init_from_checkpoint as init_from_checkpoint
 from flax_warmstart.warm_start import plan as plan

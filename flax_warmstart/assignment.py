@@ -131,22 +131,9 @@ def build_assignment_plan(
     raise WarmStartError(problems, header=f"Cannot init_from_checkpoint {where}")
   rows = []
   for v in variables:
-    if v.name not in assigned:
-      rows.append(LeafPlan(v.name, "keep", "not in assignment_map", shape=v.shape, dtype=v.dtype))
-      continue
-    tensor, pair = assigned[v.name]
-    found = ckpt[tensor]
-    rows.append(
-      LeafPlan(
-        v.name,
-        "copy",
-        f"assignment {pair}",
-        source=tensor,
-        shape=v.shape,
-        dtype=v.dtype,
-        source_shape=found.shape,
-        source_dtype=found.dtype,
-        checkpoint=checkpoint,
-      )
-    )
+    if v.name in assigned:
+      tensor, pair = assigned[v.name]
+      rows.append(LeafPlan.loaded_from(v, checkpoint, ckpt[tensor], f"assignment {pair}"))
+    else:
+      rows.append(LeafPlan.unloaded(v, "keep", "not in assignment_map"))
   return WarmStartPlan(checkpoints=(checkpoint,), leaves=tuple(rows), sources=(assignment_map,))

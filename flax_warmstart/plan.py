@@ -72,6 +72,29 @@ class LeafPlan:
     """Whether the checkpoint's dtype differs from the live leaf's."""
     return self.source_dtype is not None and self.source_dtype != self.dtype
 
+  @classmethod
+  def unloaded(cls, v: Variable, action: Action, reason: str) -> LeafPlan:
+    """A `keep` or `reset` row for a live leaf."""
+    return cls(v.name, action, reason, shape=v.shape, dtype=v.dtype)
+
+  @classmethod
+  def loaded_from(
+    cls, v: Variable, checkpoint: Checkpoint, source: Variable, reason: str, remap: Remap | None = None
+  ) -> LeafPlan:
+    """A `copy` (or, with `remap`, a `remap`) row: live leaf `v` from checkpoint tensor `source`."""
+    return cls(
+      v.name,
+      "copy" if remap is None else "remap",
+      reason,
+      source=source.name,
+      shape=v.shape,
+      dtype=v.dtype,
+      source_shape=source.shape,
+      source_dtype=source.dtype,
+      remap=remap,
+      checkpoint=checkpoint,
+    )
+
   @property
   def nbytes(self) -> int:
     """Bytes read from the checkpoint for this leaf (0 for `keep`)."""
@@ -277,21 +300,21 @@ def build_plan(
   rows = []
   for v in variables:
     if v.name in reset:
-      rows.append(LeafPlan(v.name, "reset", reset[v.name], shape=v.shape, dtype=v.dtype))
+      rows.append(LeafPlan.unloaded(v, "reset", reset[v.name]))
       continue
     if v.name not in warm:
-      rows.append(LeafPlan(v.name, "keep", "not selected", shape=v.shape, dtype=v.dtype))
+      rows.append(LeafPlan.unloaded(v, "keep", "not selected"))
       continue
     source, how = renamer.source(v)
     if source is None:
-      rows.append(LeafPlan(v.name, "keep", f"{how} keeps it", shape=v.shape, dtype=v.dtype))
+      rows.append(LeafPlan.unloaded(v, "keep", f"{how} keeps it"))
       continue
     via = f" (renamed from {v.name!r} by {how})" if how else ""
     found = ckpt.get(source)
     if found is None:
       if settings.skip_missing:
         reason = f"missing from checkpoint as {source!r} (skip_missing)"
-        rows.append(LeafPlan(v.name, "keep", reason, shape=v.shape, dtype=v.dtype))
+        rows.append(LeafPlan.unloaded(v, "keep", reason))
         continue
       hint = " or optimizer_state='reset'/'keep' if the optimizer changed," if _is_optimizer(v) else ""
       problems.append(
@@ -312,7 +335,7 @@ def build_plan(
     elif v.kind == "slot" and v.param in vocab:
       if v.shape != shapes.get(v.param):
         reason = f"factored slot of remapped {v.param!r}: cannot follow its rows, kept at its current (init) value"
-        rows.append(LeafPlan(v.name, "keep", reason, shape=v.shape, dtype=v.dtype))
+        rows.append(LeafPlan.unloaded(v, "keep", reason))
         continue
       remap = remap_for(v.param, source, v.shape, found.shape)
       if remap is None:
@@ -326,20 +349,7 @@ def build_plan(
         " vars_to_warm_start, or give it a VocabInfo if its rows are a vocabulary."
       )
       continue
-    rows.append(
-      LeafPlan(
-        v.name,
-        "remap" if remap is not None else "copy",
-        reason,
-        source=source,
-        shape=v.shape,
-        dtype=v.dtype,
-        source_shape=found.shape,
-        source_dtype=found.dtype,
-        remap=remap,
-        checkpoint=checkpoint,
-      )
-    )
+    rows.append(LeafPlan.loaded_from(v, checkpoint, found, reason, remap))
   problems += renamer.unused_rules([v.name for v in variables], warm)
   if problems:
     raise WarmStartError(problems, header=f"Cannot warm-start from {where}")

@@ -9,15 +9,13 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from flax_warmstart import checkpoint as checkpoint_lib
-from flax_warmstart import remap as remap_lib
 from flax_warmstart.assignment import AssignmentMap, build_assignment_plan
 from flax_warmstart.errors import WarmStartError
+from flax_warmstart.execute import check_can_reset, execute
 from flax_warmstart.naming import flatten_state, is_nnx_split
-from flax_warmstart.plan import LeafPlan, WarmStartPlan, build_plan, combine
+from flax_warmstart.plan import WarmStartPlan, build_plan, combine
 from flax_warmstart.settings import WarmStartSettings
 
 logger = logging.getLogger("flax_warmstart")
@@ -116,7 +114,7 @@ def plan(
     raise WarmStartError(problems, header="Cannot warm-start from several sources")
   result = combine(plans, overlap)
   if any(row.action == "reset" and row.name != "step" for row in result.leaves):
-    _check_can_reset(inner)
+    check_can_reset(inner)
   return result
 
 
@@ -124,177 +122,6 @@ def _normalize(location: str | os.PathLike) -> str:
   """One spelling per directory (`a`, `a/`, `./a`), so that each is read once."""
   path = os.fspath(location)
   return path.rstrip("/") if "://" in path else os.path.abspath(path)
-
-
-def _check_can_reset(state: Any) -> None:
-  if not all(hasattr(state, attr) for attr in ("tx", "params", "opt_state", "replace")):
-    raise WarmStartError(
-      "optimizer_state='reset' needs a state that carries its optimizer (a flax TrainState with .tx,"
-      f" .params and .opt_state); got {type(state).__name__}. A freshly created state already holds"
-      " the optimizer's init: use optimizer_state='keep'."
-    )
-
-
-def execute(plan: WarmStartPlan, state: State, *, rng: jax.Array | None = None) -> State:
-  """Carries out a plan: reads what it names and returns the merged state.
-
-  Args:
-    plan: From `flax_warmstart.plan`, for this state's structure.
-    state: The live state; it is not modified.
-    rng: PRNG key for random backup initializers of vocabulary remaps.
-
-  Returns:
-    A new state of the same type, structure, shapes, dtypes and shardings.
-
-  Raises:
-    WarmStartError: If the plan was built for a state of other names.
-
-  Examples:
-    >>> import tempfile, jax.numpy as jnp, orbax.checkpoint as ocp
-    >>> path = tempfile.mkdtemp() + "/ckpt"
-    >>> with ocp.StandardCheckpointer() as ckptr:
-    ...   ckptr.save(path, {"w": jnp.ones((2,))})
-    >>> state = {"w": jnp.zeros((2,))}
-    >>> execute(plan(state, path), state)["w"].tolist()
-    [1.0, 1.0]
-  """
-  if is_nnx_split(state):
-    graphdef, inner = state
-    return (graphdef, execute(plan, inner, rng=rng))  # type: ignore[return-value]
-  variables, leaves, treedef = flatten_state(state)
-  if [v.name for v in variables] != [leaf.name for leaf in plan.leaves]:
-    raise WarmStartError(
-      "This plan was built for a state with other variables; build it again with"
-      " flax_warmstart.plan(state, ...) for this state."
-    )
-  keys = {i: None if rng is None else jax.random.fold_in(rng, i) for i in range(len(leaves))}
-  # Fills that need no old table first: a bad backup initializer fails before any read.
-  fills = {
-    i: remap_lib.initial_fill(row.remap, row.shape, leaves[i].dtype, keys[i], row.name)
-    for i, row in enumerate(plan.leaves)
-    if row.action == "remap"
-  }
-  targets: dict[int, dict[str, jax.ShapeDtypeStruct | None]] = {id(c): {} for c in plan.checkpoints}
-  for i, row in enumerate(plan.leaves):
-    if row.action in ("copy", "remap") and row.source not in targets[id(row.checkpoint)]:
-      targets[id(row.checkpoint)][row.source] = _restore_spec(leaves[i], row)
-  # One read per checkpoint. Wait for the reads to land: Orbax's host staging
-  # buffers are then freed before the gathers allocate their outputs (1 GiB
-  # less peak for a 1 GiB table).
-  restored = {id(c): jax.block_until_ready(checkpoint_lib.restore(c, targets[id(c)])) for c in plan.checkpoints}
-  new_leaves = [np.array(x) if isinstance(x, np.ndarray) else x for x in leaves]
-  for i, row in enumerate(plan.leaves):
-    if row.action == "copy":
-      new_leaves[i] = _conform(restored[id(row.checkpoint)][row.source], leaves[i])
-    elif row.action == "remap":
-      table = restored[id(row.checkpoint)][row.source]
-      new_leaves[i] = _conform(remap_lib.apply_remap(row.remap, table, fills[i], leaves[i], keys[i]), leaves[i])
-    elif row.action == "reset" and row.name == "step":
-      new_leaves[i] = _conform(np.zeros(row.shape, row.dtype), leaves[i])
-  if any(row.action == "reset" and row.name != "step" for row in plan.leaves):
-    new_leaves = _reset_optimizer(plan, state, treedef, leaves, new_leaves)
-  _log(plan)
-  return jax.tree_util.tree_unflatten(treedef, new_leaves)
-
-
-def _reset_optimizer(
-  plan: WarmStartPlan, state: Any, treedef: Any, leaves: list[Any], new_leaves: list[Any]
-) -> list[Any]:
-  """The optimizer's fresh init for the reset leaves, from the warm-started params."""
-  _check_can_reset(state)
-  merged = jax.tree_util.tree_unflatten(treedef, new_leaves)
-  fresh = merged.replace(opt_state=merged.tx.init(merged.params))
-  fresh_leaves = flatten_state(fresh)[1]
-  out = list(new_leaves)
-  for i, row in enumerate(plan.leaves):
-    if row.action == "reset" and row.name != "step":
-      out[i] = _conform(fresh_leaves[i], leaves[i])
-  return out
-
-
-def _restore_spec(leaf: Any, row: LeafPlan) -> jax.ShapeDtypeStruct | None:
-  """How to read a tensor for this live leaf: sharded like it (an old vocabulary
-  table: sharded off its vocabulary axis, for a local gather), or to host."""
-  if not isinstance(leaf, jax.Array):
-    return None
-  if row.remap is None:
-    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
-  sharding = remap_lib.table_sharding(leaf.sharding, row.source_shape, row.remap.info.axis)
-  return jax.ShapeDtypeStruct(row.source_shape, leaf.dtype, sharding=sharding)
-
-
-def _conform(value: Any, live: Any) -> Any:
-  """Gives a restored value the live leaf's type, dtype and sharding."""
-  if isinstance(live, jax.Array):
-    if not isinstance(value, jax.Array):
-      return jax.device_put(np.asarray(value, dtype=live.dtype), live.sharding)
-    if value.dtype != live.dtype:
-      value = value.astype(live.dtype)
-    if value.sharding != live.sharding:
-      value = jax.device_put(value, live.sharding)
-    return value
-  host = np.asarray(value)
-  if isinstance(live, np.ndarray):
-    return np.array(host, dtype=live.dtype)
-  if isinstance(live, np.generic):
-    return host.astype(live.dtype)[()]
-  if isinstance(live, bool | int | float | complex):
-    return type(live)(host.item())
-  return jnp.asarray(host)
-
-
-def _kind(dtype: np.dtype) -> str:
-  """float, int, bool, complex, or other: bfloat16 is a float, though numpy calls it kind 'V'."""
-  for kind in (jnp.floating, jnp.integer, jnp.bool_, jnp.complexfloating):
-    if jnp.issubdtype(dtype, kind):
-      return kind.__name__
-  return str(dtype)
-
-
-def _log(plan: WarmStartPlan) -> None:
-  logger.info("Warm-started %s.", plan.summary())
-  for row in plan.leaves:
-    if row.action != "keep":
-      logger.debug(
-        "Warm-starting variable: %s; prev_var_name: %s",
-        row.name,
-        row.source if row.source != row.name else "Unchanged",
-      )
-  for row in plan.loaded:
-    if row.remap is not None and row.remap.follows is None:
-      stats = ", ".join(f"{n} {k}" for k, n in row.remap.mapping.stats().items())
-      logger.info("Remapped vocabulary of %r (axis %d) from %r: %s.", row.name, row.remap.info.axis, row.source, stats)
-  factored = [row.name for row in plan.leaves if row.action == "keep" and row.reason.startswith("factored slot")]
-  if factored:
-    logger.warning("Kept at their init value, as they cannot follow a vocabulary remap: %s", ", ".join(factored))
-  casts = [row for row in plan.loaded if row.cast]
-  if casts:
-    shown = ", ".join(f"{row.name} ({row.source_dtype}->{row.dtype})" for row in casts[:5])
-    more = f" and {len(casts) - 5} more" if len(casts) > 5 else ""
-    logger.info("Cast %d leaves to the state's dtype: %s%s.", len(casts), shown, more)
-    for row in casts:
-      if _kind(row.source_dtype) != _kind(row.dtype):
-        logger.warning(
-          "Warm-starting %r casts %s to %s, a change of kind that can lose information.",
-          row.name,
-          row.source_dtype,
-          row.dtype,
-        )
-  missing = [row.name for row in plan.leaves if row.action == "keep" and "skip_missing" in row.reason]
-  if missing:
-    logger.warning(
-      "Kept the current value of %d selected leaves missing from the checkpoint (skip_missing=True): %s",
-      len(missing),
-      ", ".join(missing),
-    )
-  for row in plan.leaves:
-    if row.name == "step" and row.action in ("copy", "reset"):
-      how = f"loaded from {row.checkpoint.describe()}" if row.action == "copy" else "reset to 0"
-      effect = "continue from the old step" if row.action == "copy" else "restart from step 0"
-      logger.info("step %s: learning-rate schedules %s.", how, effect)
-  resets = [row.name for row in plan.reset if row.name != "step"]
-  if resets:
-    logger.info("Reset %d optimizer-state leaves to the optimizer's fresh init.", len(resets))
 
 
 def warm_start(

@@ -87,6 +87,31 @@ def assert_trees_equal(a, b):
     assert jnp.array_equal(jnp.asarray(x), jnp.asarray(y)), (x, y)
 
 
+def nest(flat):
+  """`{"a/b": x}` -> `{"a": {"b": x}}`: a tree whose names are the keys of `flat`."""
+  out = {}
+  for name, value in flat.items():
+    *scopes, leaf = name.split("/")
+    node = out
+    for s in scopes:
+      node = node.setdefault(s, {})
+    node[leaf] = value
+  return out
+
+
 @pytest.fixture
 def ckpt_dir(tmp_path):
   return tmp_path / "ckpt"
+
+
+@pytest.fixture
+def no_reads(monkeypatch):
+  """Makes any read of checkpoint arrays fail: errors must come from metadata alone."""
+  from flax_warmstart import checkpoint as checkpoint_lib
+
+  def fail(*args, **kwargs):
+    raise AssertionError("a checkpoint array was read before the request was validated")
+
+  monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "restore", fail)
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "restore", fail)
+  monkeypatch.setattr(checkpoint_lib, "restore", fail)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import save_checkpoint
+from conftest import nest, save_checkpoint
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -150,18 +150,6 @@ def axis1_case(seed, even_rows=False):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def nest(flat):
-  """`{"a/b": x}` -> `{"a": {"b": x}}`."""
-  out = {}
-  for name, value in flat.items():
-    *scopes, leaf = name.split("/")
-    node = out
-    for s in scopes:
-      node = node.setdefault(s, {})
-    node[leaf] = value
-  return out
 
 
 def write_vocab(path, tokens, ending=""):

@@ -25,9 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
-from conftest import save_checkpoint, save_manager_step
+from conftest import nest, save_checkpoint, save_manager_step
 from flax.training import train_state
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -39,18 +38,6 @@ FW = np.array([[0.5], [1.0], [1.5], [2.0]], np.float32)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def nest(flat):
-  """`{"a/b": x}` -> `{"a": {"b": x}}`."""
-  out = {}
-  for name, value in flat.items():
-    *scopes, leaf = name.split("/")
-    node = out
-    for s in scopes:
-      node = node.setdefault(s, {})
-    node[leaf] = value
-  return out
 
 
 def linen(**flat):
@@ -113,17 +100,6 @@ def mentions_shape(message, shape):
 @pytest.fixture
 def mesh():
   return jax.make_mesh((2, 4), ("a", "b"))
-
-
-@pytest.fixture
-def no_reads(monkeypatch):
-  """Fails the test if any tensor is read from a checkpoint (metadata is allowed)."""
-
-  def boom(*args, **kwargs):
-    raise AssertionError("a checkpoint tensor was read before the request was validated")
-
-  monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "restore", boom)
-  monkeypatch.setattr(ocp.StandardCheckpointHandler, "restore", boom)
 
 
 def rng_weights(seed, shape):

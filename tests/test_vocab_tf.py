@@ -24,14 +24,12 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from conftest import save_checkpoint
+from conftest import nest, save_checkpoint
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import flax_warmstart as fws
-from flax_warmstart import checkpoint as checkpoint_lib
 
 FW = np.array([[0.5], [1.0], [1.5], [2.0]], np.float32)
 OLDV = ["apple", "banana", "guava", "orange"]
@@ -53,18 +51,6 @@ CONST42 = jax.nn.initializers.constant(0.42)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def nest(flat):
-  """`{"a/b": x}` -> `{"a": {"b": x}}`."""
-  out = {}
-  for name, value in flat.items():
-    *scopes, leaf = name.split("/")
-    node = out
-    for s in scopes:
-      node = node.setdefault(s, {})
-    node[leaf] = value
-  return out
 
 
 def get(tree, name):
@@ -144,18 +130,6 @@ def ckpt(tmp_path_factory, mesh):
     "linear_model/sc_vocab_embedding/weights": jnp.asarray([[0.69], [0.71]]),
   }
   return save_checkpoint(tmp_path_factory.mktemp("vocab") / "ckpt", nest(flat))
-
-
-@pytest.fixture
-def no_reads(monkeypatch):
-  """Fails the test if any tensor is read from the checkpoint (metadata is allowed)."""
-
-  def boom(*args, **kwargs):
-    raise AssertionError("a checkpoint tensor was read before the request was validated")
-
-  monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "restore", boom)
-  monkeypatch.setattr(ocp.StandardCheckpointHandler, "restore", boom)
-  monkeypatch.setattr(checkpoint_lib, "restore", boom)
 
 
 class Counting:
