@@ -186,7 +186,8 @@ def restore(checkpoint: Checkpoint, targets: Mapping[str, jax.ShapeDtypeStruct |
     checkpoint: From `load_checkpoint`.
     targets: Checkpoint name -> a `jax.ShapeDtypeStruct` with a sharding (the
       tensor is restored as a `jax.Array` with that sharding and dtype, read
-      shard by shard), or None (restored as a host numpy array).
+      shard by shard), one without a sharding (a host numpy array of that
+      dtype), or None (a host numpy array as saved).
 
   Returns:
     Checkpoint name -> restored value.
@@ -199,12 +200,12 @@ def restore(checkpoint: Checkpoint, targets: Mapping[str, jax.ShapeDtypeStruct |
   for name, spec in targets.items():
     index = checkpoint.variables[name].index
     meta = meta_leaves[index]
-    if spec is not None and isinstance(meta, ocp.metadata.ArrayMetadata):
+    if spec is not None and spec.sharding is not None and isinstance(meta, ocp.metadata.ArrayMetadata):
       item[index] = spec
       args[index] = ocp.ArrayRestoreArgs(sharding=spec.sharding, dtype=spec.dtype, global_shape=spec.shape)
     else:
       item[index] = meta
-      args[index] = ocp.RestoreArgs(restore_type=np.ndarray)
+      args[index] = ocp.RestoreArgs(restore_type=np.ndarray, dtype=None if spec is None else spec.dtype)
   restored = ocp.PyTreeCheckpointHandler().restore(
     checkpoint.path,
     args=ocp.args.PyTreeRestore(

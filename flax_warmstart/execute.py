@@ -121,6 +121,8 @@ def _restore_spec(leaf: Any, row: LeafPlan) -> jax.ShapeDtypeStruct | None:
     return None
   if row.remap is None:
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+  if remap_lib.host_gather_ok(row.remap, leaf):  # to host memory, gathered there
+    return jax.ShapeDtypeStruct(row.source_shape, leaf.dtype)
   sharding = remap_lib.table_sharding(leaf.sharding, row.source_shape, row.remap.info.axis)
   return jax.ShapeDtypeStruct(row.source_shape, leaf.dtype, sharding=sharding)
 
