@@ -14,8 +14,8 @@ from flax_warmstart.execute import execute as execute
 from flax_warmstart.naming import variable_names as variable_names
 from flax_warmstart.plan import LeafPlan as LeafPlan
 from flax_warmstart.plan import WarmStartPlan as WarmStartPlan
-from flax_warmstart.remap import MeanCovarianceOfOldRows as MeanCovarianceOfOldRows
-from flax_warmstart.remap import MeanOfOldRows as MeanOfOldRows
+from flax_warmstart.settings import MeanCovarianceOfOldRows as MeanCovarianceOfOldRows
+from flax_warmstart.settings import MeanOfOldRows as MeanOfOldRows
 from flax_warmstart.settings import VocabInfo as VocabInfo
 from flax_warmstart.settings import WarmStartSettings as WarmStartSettings
 from flax_warmstart.warm_start import has_checkpoint as has_checkpoint

@@ -48,8 +48,8 @@ class Checkpoint:
   tree: Any
 
   def describe(self) -> str:
-    """`path` plus the step, for messages: `/runs/old/20 (step 20)`."""
-    return f"{self.path} (step {self.step})" if self.step is not None else str(self.path)
+    """The location given plus the step, for messages: `/runs/old@step 20`."""
+    return f"{self.requested}@step {self.step}" if self.step is not None else self.requested
 
 
 def load_checkpoint(

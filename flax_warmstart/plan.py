@@ -9,6 +9,7 @@ assignment maps are two ways to build the same kind of plan.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -16,6 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from flax_warmstart import report
 from flax_warmstart.checkpoint import Checkpoint
 from flax_warmstart.errors import WarmStartError, did_you_mean
 from flax_warmstart.naming import Variable
@@ -46,6 +48,7 @@ class LeafPlan:
     remap: For `remap`, the vocabulary remap (its `VocabInfo`, row mapping and
       statistics).
     checkpoint: For `copy` and `remap`, the checkpoint read.
+    sharding: The live leaf's (target) sharding, in words.
 
   Examples:
     >>> import numpy as np
@@ -66,6 +69,7 @@ class LeafPlan:
   source_dtype: np.dtype | None = None
   remap: Remap | None = None
   checkpoint: Checkpoint | None = None
+  sharding: str = ""
 
   @property
   def cast(self) -> bool:
@@ -125,7 +129,7 @@ class WarmStartPlan:
     >>> [leaf.name for leaf in p.loaded], p.nbytes
     (['w'], 16)
     >>> print(p.summary())  # doctest: +ELLIPSIS
-    1 of 2 leaves from .../ckpt, 16 B to read; 1 kept
+    1 of 2 leaves from .../ckpt, 16 B to read; 1 kept at their current value
   """
 
   checkpoints: tuple[Checkpoint, ...]
@@ -155,27 +159,34 @@ class WarmStartPlan:
     reset = f", {len(self.reset)} reset" if self.reset else ""
     return (
       f"{len(self.loaded)} of {len(self.leaves)} leaves from {where},"
-      f" {_human_bytes(self.nbytes)} to read; {kept} kept{reset}"
+      f" {report.human_bytes(self.nbytes)} to read; {kept} kept at their current value{reset}"
     )
 
+  def unused_tensors(self) -> dict[str, list[str]]:
+    """Per checkpoint (by `describe()`), the tensors that nothing reads."""
+    used = {(id(row.checkpoint), row.source) for row in self.loaded}
+    return {c.describe(): [n for n in c.variables if (id(c), n) not in used] for c in self.checkpoints}
+
+  def to_dict(self) -> dict[str, Any]:
+    """The plan as JSON-ready data: summary, checkpoints, sources, one dict per leaf, unused tensors."""
+    return report.to_dict(self)
+
+  def to_json(self, indent: int | None = 2) -> str:
+    """`to_dict()` as JSON text."""
+    return json.dumps(self.to_dict(), indent=indent)
+
+  def provenance(self) -> dict[str, Any]:
+    """A small JSON record of where each leaf came from, to save with the next checkpoint.
+
+    See `flax_warmstart.load_provenance`.
+    """
+    return report.provenance(self)
+
+  def _repr_html_(self) -> str:
+    return report.to_html(self)
+
   def __str__(self) -> str:
-    rows = [("name", "action", "source", "shape", "dtype", "reason")]
-    for leaf in self.leaves:
-      dtype = str(leaf.dtype) if not leaf.cast else f"{leaf.source_dtype}->{leaf.dtype}"
-      source = "" if leaf.source in (None, leaf.name) else leaf.source
-      rows.append((leaf.name, leaf.action, source, str(leaf.shape), dtype, leaf.reason))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows]
-    return "\n".join([self.summary(), *lines])
-
-
-def _human_bytes(n: int) -> str:
-  size = float(n)
-  for unit in ("B", "KiB", "MiB", "GiB"):
-    if size < 1024 or unit == "GiB":
-      return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-    size /= 1024
-  raise AssertionError("unreachable")
+    return report.table(self)
 
 
 def _matcher(pattern: str, problems: list[str]) -> Callable[[str], bool]:
@@ -393,6 +404,32 @@ def combine(plans: Sequence[WarmStartPlan], overlap: str = "error") -> WarmStart
     raise WarmStartError(problems, header="Several sources load the same variables")
   checkpoints = tuple({id(c): c for p in plans for c in p.checkpoints}.values())
   return WarmStartPlan(checkpoints=checkpoints, leaves=tuple(rows), sources=tuple(s for p in plans for s in p.sources))
+
+
+def describe_sharding(leaf: Any) -> str:
+  """A live leaf's sharding in words: `P('data', None)`, `cpu:0`, `host`.
+
+  Examples:
+    >>> import numpy as np
+    >>> describe_sharding(np.zeros(2))
+    'host'
+  """
+  sharding = getattr(leaf, "sharding", None)
+  if sharding is None:
+    return "host" if not hasattr(leaf, "sharding") else ""
+  spec = getattr(sharding, "spec", None)
+  if spec is not None:
+    return str(spec)
+  devices = sharding.device_set
+  return str(next(iter(devices))) if len(devices) == 1 else f"replicated on {len(devices)} devices"
+
+
+def with_shardings(plan: WarmStartPlan, leaves: Sequence[Any]) -> WarmStartPlan:
+  """The plan with each row's target sharding filled in from the live leaves."""
+  rows = tuple(
+    dataclasses.replace(row, sharding=describe_sharding(leaf)) for row, leaf in zip(plan.leaves, leaves, strict=True)
+  )
+  return dataclasses.replace(plan, leaves=rows)
 
 
 def _describe_source(plan: WarmStartPlan) -> str:

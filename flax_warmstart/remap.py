@@ -8,7 +8,6 @@ sharding of the leaf it becomes.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import mmap
@@ -20,44 +19,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from flax_warmstart.errors import WarmStartError
+from flax_warmstart.settings import NEW_ROW_INITIALIZERS
 from flax_warmstart.vocab import Remap
-
-
-@dataclasses.dataclass(frozen=True)
-class MeanOfOldRows:
-  """New-row initializer: every new and OOV row is the mean of the old vocabulary rows.
-
-  Use as `VocabInfo(backup_initializer=MeanOfOldRows())`.
-
-  Examples:
-    >>> import flax_warmstart as fws
-    >>> info = fws.VocabInfo(["b", "z"], 2, 0, ["a", "b"], backup_initializer=fws.MeanOfOldRows())
-    >>> info.backup_initializer
-    MeanOfOldRows()
-  """
-
-
-@dataclasses.dataclass(frozen=True)
-class MeanCovarianceOfOldRows:
-  """New-row initializer: draws from a normal with the old rows' mean and covariance.
-
-  Hugging Face's `resize_token_embeddings(mean_resizing=True)`: new rows are
-  sampled from `N(mean, scale * covariance)` of the old vocabulary rows
-  (Hugging Face uses `scale=1e-9`). Needs `rng` in `warm_start`.
-
-  Attributes:
-    scale: Multiplies the covariance.
-
-  Examples:
-    >>> import flax_warmstart as fws
-    >>> fws.MeanCovarianceOfOldRows().scale
-    1e-09
-  """
-
-  scale: float = 1e-9
-
-
-NEW_ROW_INITIALIZERS = (MeanOfOldRows, MeanCovarianceOfOldRows)
 
 
 def table_sharding(

@@ -27,6 +27,43 @@ VarsToWarmStart = str | tuple[str, ...] | Callable[[str, Any], bool] | None
 
 
 @dataclasses.dataclass(frozen=True)
+class MeanOfOldRows:
+  """New-row initializer: every new and OOV row is the mean of the old vocabulary rows.
+
+  Use as `VocabInfo(backup_initializer=MeanOfOldRows())`.
+
+  Examples:
+    >>> import flax_warmstart as fws
+    >>> info = fws.VocabInfo(["b", "z"], 2, 0, ["a", "b"], backup_initializer=fws.MeanOfOldRows())
+    >>> info.backup_initializer
+    MeanOfOldRows()
+  """
+
+
+@dataclasses.dataclass(frozen=True)
+class MeanCovarianceOfOldRows:
+  """New-row initializer: draws from a normal with the old rows' mean and covariance.
+
+  Hugging Face's `resize_token_embeddings(mean_resizing=True)`: new rows are
+  sampled from `N(mean, scale * covariance)` of the old vocabulary rows
+  (Hugging Face uses `scale=1e-9`). Needs `rng` in `warm_start`.
+
+  Attributes:
+    scale: Multiplies the covariance.
+
+  Examples:
+    >>> import flax_warmstart as fws
+    >>> fws.MeanCovarianceOfOldRows().scale
+    1e-09
+  """
+
+  scale: float = 1e-9
+
+
+NEW_ROW_INITIALIZERS = (MeanOfOldRows, MeanCovarianceOfOldRows)
+
+
+@dataclasses.dataclass(frozen=True)
 class VocabInfo:
   """How to remap the vocabulary rows (or columns) of one variable.
 
@@ -163,6 +200,42 @@ class WarmStartSettings:
   rename_rules: Sequence[tuple[str, str | None]] = ()
   optimizer_state: Policy = "select"
   step: Policy = "select"
+
+  @classmethod
+  def from_dict(cls, data: Mapping[str, Any], **kwargs: Any) -> WarmStartSettings:
+    """Builds settings from plain data: a JSON/YAML mapping or an `ml_collections.ConfigDict`.
+
+    Args:
+      data: Field name -> value (see `flax_warmstart.serialize`).
+      **kwargs: Passed to `serialize.settings_from_dict`.
+
+    Returns:
+      The settings.
+
+    Raises:
+      WarmStartError: For unknown fields or invalid values.
+
+    Examples:
+      >>> WarmStartSettings.from_dict({"ckpt_to_initialize_from": "/runs/old", "step": "reset"}).step
+      'reset'
+    """
+    from flax_warmstart.serialize import settings_from_dict  # noqa: PLC0415 (serialize imports this module)
+
+    return settings_from_dict(data, **kwargs)
+
+  def to_dict(self) -> dict[str, Any]:
+    """The settings as JSON-ready data (`from_dict` reads it back).
+
+    Returns:
+      A dict of plain values.
+
+    Examples:
+      >>> WarmStartSettings("/runs/old").to_dict()["vars_to_warm_start"]
+      '.*'
+    """
+    from flax_warmstart.serialize import settings_to_dict  # noqa: PLC0415
+
+    return settings_to_dict(self)
 
   def __post_init__(self) -> None:
     problems = []

@@ -18,6 +18,7 @@ import numpy as np
 from etils import epath
 
 from flax_warmstart.errors import WarmStartError
+from flax_warmstart.settings import NEW_ROW_INITIALIZERS
 
 VocabSource = str | os.PathLike | Sequence[str]
 
@@ -301,8 +302,6 @@ def plan_remap(
   Returns:
     `(remap, problems)`: the remap, or None with the problems found.
   """
-  from flax_warmstart.remap import NEW_ROW_INITIALIZERS  # noqa: PLC0415 (remap imports jax; keep vocab light)
-
   where = f"{name!r}" + (f" (checkpoint tensor {source!r})" if source != name else "")
   problems = []
   if not info.new_vocab or not info.new_vocab_size or not info.old_vocab:

@@ -15,7 +15,7 @@ from flax_warmstart.assignment import AssignmentMap, build_assignment_plan
 from flax_warmstart.errors import WarmStartError
 from flax_warmstart.execute import check_can_reset, execute
 from flax_warmstart.naming import flatten_state, is_nnx_split
-from flax_warmstart.plan import WarmStartPlan, build_plan, combine
+from flax_warmstart.plan import WarmStartPlan, build_plan, combine, with_shardings
 from flax_warmstart.settings import WarmStartSettings
 
 logger = logging.getLogger("flax_warmstart")
@@ -115,7 +115,10 @@ def plan(
   result = combine(plans, overlap)
   if any(row.action == "reset" and row.name != "step" for row in result.leaves):
     check_can_reset(inner)
-  return result
+  return with_shardings(result, leaves)
+
+
+make_plan = plan  # `warm_start`'s `plan=` argument shadows the function inside it.
 
 
 def _normalize(location: str | os.PathLike) -> str:
@@ -131,6 +134,7 @@ def warm_start(
   *,
   rng: jax.Array | None = None,
   overlap: str = "error",
+  plan: WarmStartPlan | None = None,
 ) -> State:
   """Warm-starts a training state from an Orbax checkpoint.
 
@@ -155,6 +159,9 @@ def warm_start(
       so results are reproducible.
     overlap: With several sources, what to do when two load the same leaf:
       `"error"` (default), `"first"` or `"last"` (that source wins).
+    plan: A plan already built (and shown) with `flax_warmstart.plan` for this
+      state: executed as it is, so what was shown is what happens. Then pass
+      no checkpoint or settings.
 
   Returns:
     A new state of the same type, tree structure, shapes, dtypes and
@@ -182,7 +189,11 @@ def warm_start(
     >>> out["params"]["encoder"]["kernel"].sum().item(), out["params"]["head"]["kernel"].sum().item()
     (4.0, 0.0)
   """
-  return execute(plan(state, ckpt_or_settings, settings, overlap=overlap), state, rng=rng)
+  if plan is not None:
+    if ckpt_or_settings is not None or settings is not None:
+      raise WarmStartError("Pass either a plan or a checkpoint/settings to warm_start, not both.")
+    return execute(plan, state, rng=rng)
+  return execute(make_plan(state, ckpt_or_settings, settings, overlap=overlap), state, rng=rng)
 
 
 def has_checkpoint(run_dir: str | os.PathLike) -> bool:
@@ -280,9 +291,10 @@ def plan_init_from_checkpoint(
     [('new/w', 'copy', 'old/w')]
   """
   inner = state[1] if is_nnx_split(state) else state
-  variables = flatten_state(inner)[0]
+  variables, leaves, _ = flatten_state(inner)
   checkpoint = checkpoint_lib.load_checkpoint(ckpt_dir_or_file, prefer_names=[v.name for v in variables])
-  return build_assignment_plan(variables, checkpoint, assignment_map, allow_empty_scopes=allow_empty_scopes)
+  result = build_assignment_plan(variables, checkpoint, assignment_map, allow_empty_scopes=allow_empty_scopes)
+  return with_shardings(result, leaves)
 
 
 def init_from_checkpoint(

@@ -130,8 +130,11 @@ def test_plan_str_is_a_table(old_ckpt):
   text = str(plan)
   lines = text.splitlines()
   assert lines[0].startswith("2 of 14 leaves from")
-  assert lines[1].split() == ["name", "action", "source", "shape", "dtype", "reason"]
-  assert len(lines) == 2 + 14
+  assert lines[1].split() == ["name", "action", "source", "shape", "dtype", "sharding", "reason"]
+  assert [line.split()[0] for line in lines[2:16]] == fws.variable_names(new)
+  # The checkpoint tensors nothing reads are listed last.
+  assert lines[16].startswith(f"Unused in {old_ckpt}: ") and "head/kernel" in lines[16]
+  assert len(lines) == 17
 
 
 def test_resume_guard_prefers_the_runs_own_checkpoint(tmp_path, old_ckpt, old_state):
