@@ -14,6 +14,8 @@ from flax_warmstart.execute import execute as execute
 from flax_warmstart.naming import variable_names as variable_names
 from flax_warmstart.plan import LeafPlan as LeafPlan
 from flax_warmstart.plan import WarmStartPlan as WarmStartPlan
+from flax_warmstart.report import PROVENANCE_KEY as PROVENANCE_KEY
+from flax_warmstart.report import load_provenance as load_provenance
 from flax_warmstart.settings import MeanCovarianceOfOldRows as MeanCovarianceOfOldRows
 from flax_warmstart.settings import MeanOfOldRows as MeanOfOldRows
 from flax_warmstart.settings import VocabInfo as VocabInfo
@@ -31,6 +33,7 @@ __all__ = (
   "LeafPlan",
   "MeanCovarianceOfOldRows",
   "MeanOfOldRows",
+  "PROVENANCE_KEY",
   "VocabInfo",
   "WarmStartError",
   "WarmStartPlan",
@@ -39,6 +42,7 @@ __all__ = (
   "has_checkpoint",
   "init_from_checkpoint",
   "list_variables",
+  "load_provenance",
   "plan",
   "plan_init_from_checkpoint",
   "variable_names",

@@ -119,7 +119,8 @@ def locate(location: str | os.PathLike) -> tuple[epath.Path, int | None]:
     WarmStartError: Saying what was looked for, if there is no checkpoint.
   """
   requested = os.fspath(location)
-  path = epath.Path(requested)
+  # Orbax needs absolute local paths; URLs (gs://...) are left as they are.
+  path = epath.Path(requested if "://" in requested else os.path.abspath(requested))
   if not path.exists():
     raise WarmStartError(
       f"No checkpoint at {requested}: the path does not exist. Give an Orbax"

@@ -69,6 +69,25 @@ def execute(plan: WarmStartPlan, state: State, *, rng: jax.Array | None = None) 
       "This plan was built for a state with other variables; build it again with"
       " flax_warmstart.plan(state, ...) for this state."
     )
+  new_leaves = execute_leaves(plan, leaves, rng=rng, state=state, treedef=treedef)
+  return jax.tree_util.tree_unflatten(treedef, new_leaves)
+
+
+def execute_leaves(
+  plan: WarmStartPlan, leaves: list[Any], *, rng: jax.Array | None = None, state: Any = None, treedef: Any = None
+) -> list[Any]:
+  """`execute` on the flat leaves of a state, in the plan's order (new leaves, inputs untouched).
+
+  Args:
+    plan: The plan; its rows are the leaves' names, in order.
+    leaves: The live leaves.
+    rng: PRNG key for random backup initializers.
+    state: The live state, needed only for `optimizer_state='reset'`.
+    treedef: Its treedef, likewise.
+
+  Returns:
+    The new leaves.
+  """
   keys = {i: None if rng is None else jax.random.fold_in(rng, i) for i in range(len(leaves))}
   # Fills that need no old table first: a bad backup initializer fails before any read.
   fills = {
@@ -96,7 +115,7 @@ def execute(plan: WarmStartPlan, state: State, *, rng: jax.Array | None = None) 
   if any(row.action == "reset" and row.name != "step" for row in plan.leaves):
     new_leaves = _reset_optimizer(plan, state, treedef, leaves, new_leaves)
   _log(plan)
-  return jax.tree_util.tree_unflatten(treedef, new_leaves)
+  return new_leaves
 
 
 def _reset_optimizer(

@@ -416,7 +416,7 @@ def describe_sharding(leaf: Any) -> str:
   """
   sharding = getattr(leaf, "sharding", None)
   if sharding is None:
-    return "host" if not hasattr(leaf, "sharding") else ""
+    return "host"
   spec = getattr(sharding, "spec", None)
   if spec is not None:
     return str(spec)

@@ -1,0 +1,287 @@
+"""The `flax-warmstart` command line: inspect, diff, plan and run warm starts offline.
+
+Examples:
+  flax-warmstart inspect /runs/old --filter 'encoder/.*'
+  flax-warmstart diff /runs/old /runs/new
+  flax-warmstart plan /runs/old /runs/new --settings settings.yaml
+  flax-warmstart run /runs/old /runs/new /runs/warm --settings settings.json
+
+Exit codes: 0 success, 1 a request that cannot be carried out (the message
+says why), 2 a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import yaml
+
+from flax_warmstart import checkpoint as checkpoint_lib
+from flax_warmstart.errors import WarmStartError, closest_names
+from flax_warmstart.execute import execute_leaves
+from flax_warmstart.plan import build_plan, with_shardings
+from flax_warmstart.report import human_bytes
+from flax_warmstart.settings import WarmStartSettings
+
+EPILOG = """examples:
+  flax-warmstart inspect /runs/old --filter 'encoder/.*'
+  flax-warmstart diff /runs/old /runs/new
+  flax-warmstart plan /runs/old /runs/new --settings settings.yaml
+  flax-warmstart run /runs/old /runs/new /runs/warm --settings settings.json
+
+A settings file (JSON or YAML) holds WarmStartSettings fields, e.g.
+  vars_to_warm_start: [".*"]
+  var_name_to_prev_var_name: {backbone/kernel: encoder/kernel}
+  optimizer_state: reset
+CKPT, OLD and NEW are CheckpointManager roots (latest step), step directories
+or checkpoint directories.
+exit codes: 0 success, 1 the request cannot be carried out, 2 usage error."""
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+    prog="flax-warmstart",
+    description="Inspect Orbax checkpoints and warm-start one from another.",
+    epilog=EPILOG,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  parser.add_argument("-v", "--verbose", action="store_true", help="log what is loaded (INFO)")
+  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+  p = sub.add_parser(
+    "inspect",
+    help="names, shapes, dtypes and bytes of a checkpoint",
+    epilog=EPILOG,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  p.add_argument("ckpt", metavar="CKPT")
+  p.add_argument("--filter", metavar="REGEX", help="only names that re.search this regex")
+  p.add_argument("--item", help="item of a step directory with several items")
+  p.add_argument("--json", action="store_true", help="print JSON")
+
+  p = sub.add_parser(
+    "diff",
+    help="compare the names, shapes and dtypes of two checkpoints",
+    epilog=EPILOG,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  p.add_argument("old", metavar="OLD")
+  p.add_argument("new", metavar="NEW")
+  p.add_argument("--json", action="store_true", help="print JSON")
+
+  for name, help_ in (
+    ("plan", "show the plan for warm-starting NEW's structure from OLD"),
+    ("run", "warm-start NEW from OLD offline and write the result to OUT"),
+  ):
+    p = sub.add_parser(name, help=help_, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("old", metavar="OLD")
+    p.add_argument("new", metavar="NEW")
+    if name == "run":
+      p.add_argument("out", metavar="OUT")
+      p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+      p.add_argument("--no-progress", action="store_true", help="no progress display")
+    p.add_argument("--settings", metavar="FILE", help="WarmStartSettings as JSON or YAML")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+  return parser
+
+
+def load_settings(path: str | None, old: str) -> WarmStartSettings:
+  """WarmStartSettings from a JSON or YAML file; OLD is the checkpoint unless the file names one.
+
+  Args:
+    path: The settings file, or None for the defaults.
+    old: The checkpoint to warm-start from.
+
+  Returns:
+    The settings.
+
+  Raises:
+    WarmStartError: If the file is missing, unreadable or invalid.
+
+  Examples:
+    >>> load_settings(None, "/runs/old").vars_to_warm_start
+    '.*'
+  """
+  if path is None:
+    return WarmStartSettings(old)
+  if not os.path.isfile(path):
+    raise WarmStartError(f"Settings file {path} does not exist.")
+  text = open(path, encoding="utf-8").read()
+  try:
+    data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+  except (ValueError, yaml.YAMLError) as err:
+    raise WarmStartError(
+      f"Settings file {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {err}"
+    ) from None
+  if data is None:
+    data = {}
+  if not isinstance(data, dict):
+    raise WarmStartError(
+      f"Settings file {path} must hold a mapping of WarmStartSettings fields, not {type(data).__name__}."
+    )
+  data = dict(data)
+  data["ckpt_to_initialize_from"] = old
+  return WarmStartSettings.from_dict(data)
+
+
+def _inspect(args: argparse.Namespace) -> dict[str, Any]:
+  ckpt = checkpoint_lib.load_checkpoint(args.ckpt, item=args.item)
+  regex = re.compile(args.filter) if args.filter else None
+  rows = [
+    {"name": v.name, "shape": list(v.shape), "dtype": str(v.dtype), "bytes": _nbytes(v)}
+    for v in sorted(ckpt.variables.values(), key=lambda v: v.name)
+    if regex is None or regex.search(v.name)
+  ]
+  return {
+    "checkpoint": args.ckpt,
+    "path": str(ckpt.path),
+    "step": ckpt.step,
+    "variables": rows,
+    "bytes": sum(r["bytes"] for r in rows),
+  }
+
+
+def _nbytes(v: Any) -> int:
+  return int(np.prod(v.shape, dtype=np.int64)) * (v.dtype.itemsize if v.dtype.kind != "O" else 0)
+
+
+def _print_inspect(info: dict[str, Any]) -> None:
+  step = f"@step {info['step']}" if info["step"] is not None else ""
+  print(f"{info['checkpoint']}{step}: {len(info['variables'])} variables, {human_bytes(info['bytes'])}")
+  _print_table(
+    [(r["name"], str(tuple(r["shape"])), r["dtype"], human_bytes(r["bytes"])) for r in info["variables"]],
+    ("name", "shape", "dtype", "bytes"),
+  )
+
+
+def _print_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> None:
+  widths = [max(len(c) for c in column) for column in zip(header, *rows, strict=True)]
+  for row in (header, *rows):
+    print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _diff(args: argparse.Namespace) -> dict[str, Any]:
+  old = checkpoint_lib.load_checkpoint(args.old).variables
+  new = checkpoint_lib.load_checkpoint(args.new).variables
+  out: dict[str, Any] = {"same": [], "shape": [], "dtype": [], "only_old": [], "only_new": []}
+  for name in sorted(set(old) | set(new)):
+    if name not in new:
+      out["only_old"].append({"name": name, "shape": list(old[name].shape)})
+    elif name not in old:
+      out["only_new"].append(
+        {"name": name, "shape": list(new[name].shape), "closest_old": closest_names(name, set(old) - set(new))}
+      )
+    elif old[name].shape != new[name].shape:
+      out["shape"].append({"name": name, "old": list(old[name].shape), "new": list(new[name].shape)})
+    elif old[name].dtype != new[name].dtype:
+      out["dtype"].append({"name": name, "old": str(old[name].dtype), "new": str(new[name].dtype)})
+    else:
+      out["same"].append(name)
+  return out
+
+
+def _print_diff(d: dict[str, Any]) -> None:
+  print(f"{len(d['same'])} names match in shape and dtype.")
+  for e in d["shape"]:
+    print(f"shape differs: {e['name']}: {tuple(e['old'])} -> {tuple(e['new'])}")
+  for e in d["dtype"]:
+    print(f"dtype differs: {e['name']}: {e['old']} -> {e['new']}")
+  for e in d["only_old"]:
+    print(f"only in OLD:   {e['name']} {tuple(e['shape'])}")
+  for e in d["only_new"]:
+    hint = f" (closest in OLD: {', '.join(e['closest_old'])})" if e["closest_old"] else ""
+    print(f"only in NEW:   {e['name']} {tuple(e['shape'])}{hint}")
+
+
+def _plan(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+  """The plan for NEW's structure (abstract leaves) from OLD, and NEW itself."""
+  settings = load_settings(args.settings, args.old)
+  new = checkpoint_lib.load_checkpoint(args.new)
+  old = checkpoint_lib.load_checkpoint(args.old, item=settings.ckpt_item, prefer_names=list(new.variables))
+  variables = list(new.variables.values())
+  leaves = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in variables]
+  return with_shardings(build_plan(variables, leaves, old, settings), leaves), new, settings
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  if os.path.exists(args.out) and not args.force:
+    raise WarmStartError(f"{args.out} exists; pass --force to overwrite it.")
+  plan, new, _ = _plan(args)
+  with _progress(not args.no_progress) as step:
+    step(f"reading {args.new}")
+    restored = checkpoint_lib.restore(new, dict.fromkeys(new.variables))
+    # The live state is NEW's tree, its leaves host arrays named as in NEW's metadata.
+    leaves = [restored[name] for name in new.variables]
+    step(f"warm-starting from {args.old} ({human_bytes(plan.nbytes)})")
+    leaves = execute_leaves(plan, leaves)
+    tree = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(new.tree), leaves)
+    step(f"writing {args.out}")
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.abspath(args.out), tree, force=args.force)
+  return {"out": args.out, "summary": plan.summary()}
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool) -> Iterator[Any]:
+  """A status line per phase on a terminal (rich); nothing when piped or disabled."""
+  if not (enabled and sys.stderr.isatty()):
+    yield lambda message: None
+    return
+  from rich.console import Console  # noqa: PLC0415
+
+  with Console(stderr=True).status("starting") as status:
+    yield status.update
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the command line; returns the exit code.
+
+  Args:
+    argv: The arguments (default: `sys.argv[1:]`).
+
+  Returns:
+    0 on success, 1 when the request cannot be carried out (usage errors exit
+    with 2 through argparse).
+
+  Examples:
+    >>> main(["inspect", "/no/such/dir"])
+    1
+  """
+  args = _parser().parse_args(argv)
+  logging.basicConfig(
+    level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+  )
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  try:
+    if args.command == "inspect":
+      info = _inspect(args)
+      print(json.dumps(info, indent=2)) if args.json else _print_inspect(info)
+    elif args.command == "diff":
+      d = _diff(args)
+      print(json.dumps(d, indent=2)) if args.json else _print_diff(d)
+    elif args.command == "plan":
+      plan, _, _ = _plan(args)
+      print(plan.to_json() if args.json else plan)
+    else:
+      result = _run(args)
+      print(json.dumps(result) if args.json else f"Wrote {result['out']}: {result['summary']}")
+  except (WarmStartError, re.error) as err:
+    print(f"flax-warmstart: error: {err}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
