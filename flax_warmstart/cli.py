@@ -13,13 +13,12 @@ says why), 2 a usage error.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -28,7 +27,7 @@ import yaml
 
 from flax_warmstart import checkpoint as checkpoint_lib
 from flax_warmstart.errors import WarmStartError, closest_names
-from flax_warmstart.execute import execute_leaves
+from flax_warmstart.execute import execute_leaves, progress
 from flax_warmstart.plan import build_plan, with_shardings
 from flax_warmstart.report import human_bytes
 from flax_warmstart.settings import WarmStartSettings
@@ -219,30 +218,18 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
   if os.path.exists(args.out) and not args.force:
     raise WarmStartError(f"{args.out} exists; pass --force to overwrite it.")
   plan, new, _ = _plan(args)
-  with _progress(not args.no_progress) as step:
+  with progress(not args.no_progress) as step:
     step(f"reading {args.new}")
     restored = checkpoint_lib.restore(new, dict.fromkeys(new.variables))
     # The live state is NEW's tree, its leaves host arrays named as in NEW's metadata.
     leaves = [restored[name] for name in new.variables]
     step(f"warm-starting from {args.old} ({human_bytes(plan.nbytes)})")
-    leaves = execute_leaves(plan, leaves)
+    leaves = execute_leaves(plan, leaves, update=step)
     tree = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(new.tree), leaves)
     step(f"writing {args.out}")
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.abspath(args.out), tree, force=args.force)
   return {"out": args.out, "summary": plan.summary()}
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool) -> Iterator[Any]:
-  """A status line per phase on a terminal (rich); nothing when piped or disabled."""
-  if not (enabled and sys.stderr.isatty()):
-    yield lambda message: None
-    return
-  from rich.console import Console  # noqa: PLC0415
-
-  with Console(stderr=True).status("starting") as status:
-    yield status.update
 
 
 def main(argv: Sequence[str] | None = None) -> int:

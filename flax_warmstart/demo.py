@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import tempfile
 
 import flax.linen as nn
@@ -21,6 +22,14 @@ import orbax.checkpoint as ocp
 from flax.training import train_state
 
 import flax_warmstart as fws
+
+SETTINGS_YAML = """\
+# WarmStartSettings for the example: the encoder, renamed to backbone, with its Adam slots.
+vars_to_warm_start: ["backbone/"]
+var_name_to_prev_var_name:
+  backbone/kernel: encoder/kernel
+  backbone/bias: encoder/bias
+"""
 
 
 class Classifier(nn.Module):
@@ -53,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
   """Runs the example; returns 0 on success."""
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--steps", type=int, default=20, help="training steps of the old model")
+  parser.add_argument(
+    "--keep",
+    metavar="DIR",
+    help="write the example's checkpoints (old_run/, new/) and settings.yaml to DIR, for the command line",
+  )
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   logging.getLogger("flax_warmstart").setLevel(logging.INFO)
@@ -68,9 +82,11 @@ def main(argv: list[str] | None = None) -> int:
   )
   old = _train(old, x, y, args.steps)
 
-  with tempfile.TemporaryDirectory() as tmp:
+  with tempfile.TemporaryDirectory() as scratch:
+    tmp = os.path.abspath(args.keep) if args.keep else scratch
+    os.makedirs(tmp, exist_ok=True)
     with ocp.CheckpointManager(f"{tmp}/old_run") as mgr:
-      mgr.save(args.steps, args=ocp.args.StandardSave(old))
+      mgr.save(args.steps, args=ocp.args.StandardSave(old), force=True)
     print(f"Saved the old model after {args.steps} steps to {tmp}/old_run.")
 
     new_model = Classifier(encoder_name="backbone", num_classes=3)
@@ -86,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     print("\nThe plan (read from checkpoint metadata only):")
     print(fws.plan(new, settings))
     warm = fws.warm_start(new, settings)
+    if args.keep:
+      with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(f"{tmp}/new", new, force=True)
+      with open(f"{tmp}/settings.yaml", "w") as f:
+        f.write(SETTINGS_YAML)
+      print(f"Wrote {tmp}/new (the changed model, freshly initialised) and {tmp}/settings.yaml.")
 
   def features(params, name):
     return nn.relu(x @ params[name]["kernel"] + params[name]["bias"])

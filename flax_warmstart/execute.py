@@ -8,7 +8,10 @@ input's type, structure, shapes, dtypes and shardings.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import jax
@@ -17,6 +20,7 @@ import numpy as np
 
 from flax_warmstart import checkpoint as checkpoint_lib
 from flax_warmstart import remap as remap_lib
+from flax_warmstart import report
 from flax_warmstart.errors import WarmStartError
 from flax_warmstart.naming import flatten_state, is_nnx_split
 from flax_warmstart.plan import LeafPlan, WarmStartPlan
@@ -24,6 +28,29 @@ from flax_warmstart.plan import LeafPlan, WarmStartPlan
 logger = logging.getLogger("flax_warmstart")
 
 State = TypeVar("State")
+
+
+@contextlib.contextmanager
+def progress(enabled: bool = True) -> Iterator[Callable[[str], None]]:
+  """Yields `update(message)`: a status line on a terminal (rich), nothing when piped or disabled.
+
+  Args:
+    enabled: False to show nothing even on a terminal.
+
+  Yields:
+    A function that shows the current phase.
+
+  Examples:
+    >>> with progress(False) as update:
+    ...   update("reading")
+  """
+  if not (enabled and sys.stderr.isatty()):
+    yield lambda message: None
+    return
+  from rich.console import Console  # noqa: PLC0415 (only on a terminal)
+
+  with Console(stderr=True).status("flax_warmstart") as status:
+    yield status.update
 
 
 def check_can_reset(state: Any) -> None:
@@ -36,13 +63,14 @@ def check_can_reset(state: Any) -> None:
     )
 
 
-def execute(plan: WarmStartPlan, state: State, *, rng: jax.Array | None = None) -> State:
+def execute(plan: WarmStartPlan, state: State, *, rng: jax.Array | None = None, show_progress: bool = True) -> State:
   """Carries out a plan: reads what it names and returns the merged state.
 
   Args:
     plan: From `flax_warmstart.plan`, for this state's structure.
     state: The live state; it is not modified.
     rng: PRNG key for random backup initializers of vocabulary remaps.
+    show_progress: Show the phase (reading, remapping) on a terminal.
 
   Returns:
     A new state of the same type, structure, shapes, dtypes and shardings.
@@ -62,19 +90,26 @@ def execute(plan: WarmStartPlan, state: State, *, rng: jax.Array | None = None) 
   """
   if is_nnx_split(state):
     graphdef, inner = state
-    return (graphdef, execute(plan, inner, rng=rng))  # type: ignore[return-value]
+    return (graphdef, execute(plan, inner, rng=rng, show_progress=show_progress))  # type: ignore[return-value]
   variables, leaves, treedef = flatten_state(state)
   if [v.name for v in variables] != [leaf.name for leaf in plan.leaves]:
     raise WarmStartError(
       "This plan was built for a state with other variables; build it again with"
       " flax_warmstart.plan(state, ...) for this state."
     )
-  new_leaves = execute_leaves(plan, leaves, rng=rng, state=state, treedef=treedef)
+  with progress(show_progress) as update:
+    new_leaves = execute_leaves(plan, leaves, rng=rng, state=state, treedef=treedef, update=update)
   return jax.tree_util.tree_unflatten(treedef, new_leaves)
 
 
 def execute_leaves(
-  plan: WarmStartPlan, leaves: list[Any], *, rng: jax.Array | None = None, state: Any = None, treedef: Any = None
+  plan: WarmStartPlan,
+  leaves: list[Any],
+  *,
+  rng: jax.Array | None = None,
+  state: Any = None,
+  treedef: Any = None,
+  update: Callable[[str], None] = lambda message: None,
 ) -> list[Any]:
   """`execute` on the flat leaves of a state, in the plan's order (new leaves, inputs untouched).
 
@@ -84,6 +119,7 @@ def execute_leaves(
     rng: PRNG key for random backup initializers.
     state: The live state, needed only for `optimizer_state='reset'`.
     treedef: Its treedef, likewise.
+    update: Called with the current phase, for a progress display.
 
   Returns:
     The new leaves.
@@ -102,12 +138,17 @@ def execute_leaves(
   # One read per checkpoint. Wait for the reads to land: Orbax's host staging
   # buffers are then freed before the gathers allocate their outputs (1 GiB
   # less peak for a 1 GiB table).
-  restored = {id(c): jax.block_until_ready(checkpoint_lib.restore(c, targets[id(c)])) for c in plan.checkpoints}
+  restored = {}
+  for c in plan.checkpoints:
+    nbytes = sum(row.nbytes for row in plan.loaded if row.checkpoint is c)
+    update(f"Reading {len(targets[id(c)])} tensors ({report.human_bytes(nbytes)}) from {c.describe()}")
+    restored[id(c)] = jax.block_until_ready(checkpoint_lib.restore(c, targets[id(c)]))
   new_leaves = [np.array(x) if isinstance(x, np.ndarray) else x for x in leaves]
   for i, row in enumerate(plan.leaves):
     if row.action == "copy":
       new_leaves[i] = _conform(restored[id(row.checkpoint)][row.source], leaves[i])
     elif row.action == "remap":
+      update(f"Remapping the vocabulary of {row.name}")
       table = restored[id(row.checkpoint)][row.source]
       new_leaves[i] = _conform(remap_lib.apply_remap(row.remap, table, fills[i], leaves[i], keys[i]), leaves[i])
     elif row.action == "reset" and row.name == "step":

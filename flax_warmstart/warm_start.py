@@ -135,6 +135,7 @@ def warm_start(
   rng: jax.Array | None = None,
   overlap: str = "error",
   plan: WarmStartPlan | None = None,
+  show_progress: bool = True,
 ) -> State:
   """Warm-starts a training state from an Orbax checkpoint.
 
@@ -162,6 +163,8 @@ def warm_start(
     plan: A plan already built (and shown) with `flax_warmstart.plan` for this
       state: executed as it is, so what was shown is what happens. Then pass
       no checkpoint or settings.
+    show_progress: Show the phase (reading N tensors, remapping) on a
+      terminal; nothing is shown when stderr is not a terminal.
 
   Returns:
     A new state of the same type, tree structure, shapes, dtypes and
@@ -192,8 +195,9 @@ def warm_start(
   if plan is not None:
     if ckpt_or_settings is not None or settings is not None:
       raise WarmStartError("Pass either a plan or a checkpoint/settings to warm_start, not both.")
-    return execute(plan, state, rng=rng)
-  return execute(make_plan(state, ckpt_or_settings, settings, overlap=overlap), state, rng=rng)
+    return execute(plan, state, rng=rng, show_progress=show_progress)
+  built = make_plan(state, ckpt_or_settings, settings, overlap=overlap)
+  return execute(built, state, rng=rng, show_progress=show_progress)
 
 
 def has_checkpoint(run_dir: str | os.PathLike) -> bool:
