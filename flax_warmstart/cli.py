@@ -38,7 +38,8 @@ EPILOG = """examples:
   flax-warmstart plan /runs/old /runs/new --settings settings.yaml
   flax-warmstart run /runs/old /runs/new /runs/warm --settings settings.json
 
-A settings file (JSON or YAML) holds WarmStartSettings fields, e.g.
+A settings file (JSON, YAML, or .gin binding flax_warmstart.WarmStartSettings)
+holds WarmStartSettings fields, e.g.
   vars_to_warm_start: [".*"]
   var_name_to_prev_var_name: {backbone/kernel: encoder/kernel}
   optimizer_state: reset
@@ -89,13 +90,15 @@ def _parser() -> argparse.ArgumentParser:
       p.add_argument("out", metavar="OUT")
       p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
       p.add_argument("--no-progress", action="store_true", help="no progress display")
-    p.add_argument("--settings", metavar="FILE", help="WarmStartSettings as JSON or YAML")
+    p.add_argument(
+      "--settings", metavar="FILE", help="WarmStartSettings as JSON, YAML or Gin (.gin, needs the gin extra)"
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
   return parser
 
 
 def load_settings(path: str | None, old: str) -> WarmStartSettings:
-  """WarmStartSettings from a JSON or YAML file; OLD is the checkpoint unless the file names one.
+  """WarmStartSettings from a JSON, YAML or Gin file; OLD is the checkpoint they warm-start from.
 
   Args:
     path: The settings file, or None for the defaults.
@@ -115,6 +118,12 @@ def load_settings(path: str | None, old: str) -> WarmStartSettings:
     return WarmStartSettings(old)
   if not os.path.isfile(path):
     raise WarmStartError(f"Settings file {path} does not exist.")
+  if path.endswith(".gin"):
+    try:
+      from flax_warmstart.gin import settings_from_gin  # noqa: PLC0415 (optional extra)
+    except ImportError as err:
+      raise WarmStartError(str(err)) from None
+    return settings_from_gin(path, old)
   text = open(path, encoding="utf-8").read()
   try:
     data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
@@ -267,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (WarmStartError, re.error) as err:
     print(f"flax-warmstart: error: {err}", file=sys.stderr)
     return 1
+  except BrokenPipeError:  # e.g. `flax-warmstart plan ... | head`
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
   return 0
 
 
