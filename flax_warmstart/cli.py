@@ -124,7 +124,10 @@ def load_settings(path: str | None, old: str) -> WarmStartSettings:
     except ImportError as err:
       raise WarmStartError(str(err)) from None
     return settings_from_gin(path, old)
-  text = open(path, encoding="utf-8").read()
+  try:
+    text = open(path, encoding="utf-8").read()
+  except UnicodeDecodeError as err:
+    raise WarmStartError(f"Settings file {path} is not UTF-8 text: {err}") from None
   try:
     data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
   except (ValueError, yaml.YAMLError) as err:
@@ -144,7 +147,10 @@ def load_settings(path: str | None, old: str) -> WarmStartSettings:
 
 def _inspect(args: argparse.Namespace) -> dict[str, Any]:
   ckpt = checkpoint_lib.load_checkpoint(args.ckpt, item=args.item)
-  regex = re.compile(args.filter) if args.filter else None
+  try:
+    regex = re.compile(args.filter) if args.filter else None
+  except re.error as err:
+    raise WarmStartError(f"--filter {args.filter!r} is not a valid regex: {err}.") from None
   rows = [
     {"name": v.name, "shape": list(v.shape), "dtype": str(v.dtype), "bytes": _nbytes(v)}
     for v in sorted(ckpt.variables.values(), key=lambda v: v.name)
@@ -256,10 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     1
   """
   args = _parser().parse_args(argv)
-  logging.basicConfig(
-    level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-  )
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  # force: importing orbax already gave the root logger absl's handler.
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
+  logging.getLogger("flax_warmstart").setLevel(logging.INFO if args.verbose else logging.WARNING)
   try:
     if args.command == "inspect":
       info = _inspect(args)
@@ -273,7 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
       result = _run(args)
       print(json.dumps(result) if args.json else f"Wrote {result['out']}: {result['summary']}")
-  except (WarmStartError, re.error) as err:
+    sys.stdout.flush()  # a closed pipe shows here, inside the handler below
+  except WarmStartError as err:
     print(f"flax-warmstart: error: {err}", file=sys.stderr)
     return 1
   except BrokenPipeError:  # e.g. `flax-warmstart plan ... | head`

@@ -38,20 +38,26 @@ class WarmStartError(ValueError):
 
 
 def closest_names(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
-  """Returns up to `n` candidates that look most like `name` (difflib).
+  """Returns up to `n` candidates that look most like `name`.
+
+  Names with the same path below their top-level scope come first (a renamed
+  scope: `backbone/kernel` -> `encoder/kernel`), then the closest by difflib,
+  then names with the same last component.
 
   Examples:
     >>> closest_names("encoder/kernal", ["encoder/kernel", "head/b"])
     ['encoder/kernel']
+    >>> closest_names("backbone/kernel", ["encoder/kernel", "head/kernel", "head/bias"])
+    ['encoder/kernel', 'head/kernel']
   """
   candidates = list(candidates)
-  found = difflib.get_close_matches(name, candidates, n=n, cutoff=0.6)
-  if not found:
-    # Fall back to the last path component, which is where typos usually are
-    # in long slash-joined names.
+  tail = name.split("/", 1)[1] if "/" in name else None
+  found = [c for c in candidates if tail is not None and "/" in c and c.split("/", 1)[1] == tail]
+  found += difflib.get_close_matches(name, candidates, n=n, cutoff=0.6)
+  if len(found) < n:
     leaf = name.rsplit("/", 1)[-1]
-    found = [c for c in candidates if c.rsplit("/", 1)[-1] == leaf][:n]
-  return found
+    found += [c for c in candidates if c.rsplit("/", 1)[-1] == leaf]
+  return list(dict.fromkeys(found))[:n]
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:

@@ -97,6 +97,15 @@ def execute(plan: WarmStartPlan, state: State, *, rng: jax.Array | None = None, 
       "This plan was built for a state with other variables; build it again with"
       " flax_warmstart.plan(state, ...) for this state."
     )
+  changed = [
+    f"{v.name!r}: {v.shape} {v.dtype} in the state, {row.shape} {row.dtype} in the plan"
+    for v, row in zip(variables, plan.leaves, strict=True)
+    if (v.shape, v.dtype) != (row.shape, row.dtype)
+  ]
+  if changed:
+    raise WarmStartError(
+      changed, header="This plan was built for a state of other shapes or dtypes; build it again for this state"
+    )
   with progress(show_progress) as update:
     new_leaves = execute_leaves(plan, leaves, rng=rng, state=state, treedef=treedef, update=update)
   return jax.tree_util.tree_unflatten(treedef, new_leaves)

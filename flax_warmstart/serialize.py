@@ -36,6 +36,32 @@ _PARAMETRIC = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class NamedInitializer:
+  """A JAX initializer built from its name and argument, which it remembers.
+
+  So that settings read from a file compare equal and write back the same
+  (`{"constant": 0.5}` stays `{"constant": 0.5}`).
+
+  Attributes:
+    name: The initializer's name (`"constant"`, `"normal"`, ...).
+    arg: Its argument, or None for one that takes none.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> init = NamedInitializer("constant", 0.5)
+    >>> init(None, (2,), jnp.float32).tolist(), init == NamedInitializer("constant", 0.5)
+    ([0.5, 0.5], True)
+  """
+
+  name: str
+  arg: Any = None
+
+  def __call__(self, key: Any, shape: Any, dtype: Any = None) -> Any:
+    fn = _PLAIN[self.name] if self.arg is None else _PARAMETRIC[self.name](self.arg)
+    return fn(key, shape, dtype) if dtype is not None else fn(key, shape)
+
+
 def initializer_from_spec(spec: Any) -> Any:
   """A backup initializer from its name (see the module docstring).
 
@@ -58,13 +84,13 @@ def initializer_from_spec(spec: Any) -> Any:
   if spec == "mean_of_old_rows":
     return MeanOfOldRows()
   if isinstance(spec, str) and spec in _PLAIN:
-    return _PLAIN[spec]
+    return NamedInitializer(spec)
   if isinstance(spec, Mapping) and len(spec) == 1:
     ((name, arg),) = spec.items()
     if name == "mean_covariance_of_old_rows":
       return MeanCovarianceOfOldRows(float(arg))
     if name in _PARAMETRIC:
-      return _PARAMETRIC[name](arg)
+      return NamedInitializer(name, arg)
   known = sorted([*_PLAIN, "mean_of_old_rows"]) + [
     f"{{{n}: value}}" for n in sorted([*_PARAMETRIC, "mean_covariance_of_old_rows"])
   ]
@@ -78,6 +104,8 @@ def _initializer_to_spec(init: Any) -> Any:
     return "mean_of_old_rows"
   if isinstance(init, MeanCovarianceOfOldRows):
     return {"mean_covariance_of_old_rows": init.scale}
+  if isinstance(init, NamedInitializer):
+    return init.name if init.arg is None else {init.name: init.arg}
   for name, value in _PLAIN.items():
     if init is value:
       return name
@@ -165,10 +193,15 @@ def settings_from_dict(data: Mapping[str, Any], *, ckpt_to_initialize_from: str 
   kwargs.setdefault("ckpt_to_initialize_from", ckpt_to_initialize_from)
   vocab_fields = {f.name for f in dataclasses.fields(VocabInfo)}
   vocab = {}
-  for name, spec in (kwargs.get("var_name_to_vocab_info") or {}).items():
+  vocab_specs = kwargs.get("var_name_to_vocab_info") or {}
+  if not isinstance(vocab_specs, Mapping):
+    raise WarmStartError(f"var_name_to_vocab_info must map variable names to VocabInfo fields, got {vocab_specs!r}.")
+  for name, spec in vocab_specs.items():
     if isinstance(spec, VocabInfo):
       vocab[name] = spec
       continue
+    if not isinstance(spec, Mapping):
+      raise WarmStartError(f"var_name_to_vocab_info[{name!r}] must be a mapping of VocabInfo fields, got {spec!r}.")
     bad = sorted(set(spec) - vocab_fields)
     if bad:
       raise WarmStartError(f"Unknown VocabInfo field(s) {bad} for {name!r}; fields are {sorted(vocab_fields)}.")
@@ -179,6 +212,10 @@ def settings_from_dict(data: Mapping[str, Any], *, ckpt_to_initialize_from: str 
     except TypeError as err:
       raise WarmStartError(f"Invalid VocabInfo for {name!r}: {err}.") from None
   kwargs["var_name_to_vocab_info"] = vocab
-  if kwargs.get("rename_rules"):
-    kwargs["rename_rules"] = [tuple(rule) if isinstance(rule, list) else rule for rule in kwargs["rename_rules"]]
+  rules = kwargs.get("rename_rules")
+  if rules:
+    if not isinstance(rules, list | tuple | Mapping):
+      raise WarmStartError(f"rename_rules must be a list of [new_name_regex, old_name_template] pairs, got {rules!r}.")
+    if isinstance(rules, list | tuple):
+      kwargs["rename_rules"] = [tuple(rule) if isinstance(rule, list) else rule for rule in rules]
   return WarmStartSettings(**kwargs)
