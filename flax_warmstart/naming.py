@@ -80,8 +80,8 @@ def name_paths(
     WarmStartError: If two leaves would get the same name.
   """
   n = len(params_prefix)
-  params = {p[n:]: "/".join(p[n:]) for p, isp in zip(paths, is_param, strict=False) if isp}
-  others = [p for p, isp in zip(paths, is_param, strict=False) if not isp]
+  params = {p[n:]: "/".join(p[n:]) for p, isp in zip(paths, is_param, strict=True) if isp}
+  others = [p for p, isp in zip(paths, is_param, strict=True) if not isp]
   under: collections.Counter[tuple[str, ...]] = collections.Counter()
   mirrored: collections.Counter[tuple[str, ...]] = collections.Counter()
   for p in others:
@@ -89,7 +89,7 @@ def name_paths(
       under[p[:k]] += 1
       mirrored[p[:k]] += p[k:] in params
   out = []
-  for p, isp in zip(paths, is_param, strict=False):
+  for p, isp in zip(paths, is_param, strict=True):
     if isp:
       out.append((params[p[n:]], "param", None, None))
       continue
@@ -151,12 +151,12 @@ def flatten_state(state: Any) -> tuple[list[Variable], list[Any], Any]:
   prefix = () if nnx_state else _params_prefix(state)
   is_param = [
     p if p is not None else (not nnx_state and path[: len(prefix)] == prefix)
-    for p, path in zip(is_param, paths, strict=False)
+    for p, path in zip(is_param, paths, strict=True)
   ]
   named = name_paths(paths, is_param, prefix)
   variables = [
     Variable(name, kind, i, param, slot, *_shape_dtype(leaf))
-    for i, ((name, kind, param, slot), leaf) in enumerate(zip(named, leaves, strict=False))
+    for i, ((name, kind, param, slot), leaf) in enumerate(zip(named, leaves, strict=True))
   ]
   treedef = jax.tree_util.tree_structure(state)
   return variables, leaves, treedef
@@ -198,7 +198,7 @@ def flatten_checkpoint_tree(tree: Any) -> list[tuple[Variable, tuple[Any, ...]]]
   is_param = [p[: len(prefix)] == prefix for p in paths]
   named = name_paths(paths, is_param, prefix)
   out = []
-  for i, ((name, kind, param, slot), (path, meta)) in enumerate(zip(named, flat, strict=False)):
+  for i, ((name, kind, param, slot), (path, meta)) in enumerate(zip(named, flat, strict=True)):
     shape = tuple(getattr(meta, "shape", None) or ())
     dtype = getattr(meta, "dtype", None)
     dtype = np.dtype(dtype) if dtype is not None else np.dtype("O")
@@ -228,11 +228,12 @@ def variable_names(state: Any) -> list[str]:
     >>> variable_names(state)
     ['step', 'dense/kernel', 'dense/kernel/opt_state/0/trace']
   """
-  return [v.name for v in _unwrap_split(state)[0]]
+  return [v.name for v in flatten_state(unwrap_split(state))[0]]
 
 
-def _unwrap_split(state: Any) -> tuple[list[Variable], list[Any], Any]:
-  return flatten_state(state[1] if is_nnx_split(state) else state)
+def unwrap_split(state: Any) -> Any:
+  """The state inside an `nnx.split` pair `(graphdef, state)`; any other state as it is."""
+  return state[1] if is_nnx_split(state) else state
 
 
 def is_nnx_split(state: Any) -> bool:

@@ -222,7 +222,7 @@ def select(
     matchers = [_matcher(p, problems) for p in spec]
     grouped = {v.name for v in variables if any(m(v.name) for m in matchers)}
   else:
-    grouped = {v.name for v, leaf in zip(variables, leaves, strict=False) if spec(v.name, leaf)}
+    grouped = {v.name for v, leaf in zip(variables, leaves, strict=True) if spec(v.name, leaf)}
   return set(grouped), grouped, problems
 
 

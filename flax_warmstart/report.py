@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 PROVENANCE_KEY = "flax_warmstart_provenance"
 # Tables longer than this are grouped by top-level scope.
 GROUP_ABOVE = 40
-_COLUMNS = ("name", "action", "source", "shape", "dtype", "sharding", "reason")
+_COLUMNS = ("name", "action", "source", "shape", "dtype", "read", "sharding", "reason")
 
 
 def human_bytes(n: int) -> str:
@@ -50,7 +50,8 @@ def human_bytes(n: int) -> str:
 def _cells(row: LeafPlan) -> tuple[str, ...]:
   dtype = str(row.dtype) if not row.cast else f"{row.source_dtype}->{row.dtype}"
   source = "" if row.source in (None, row.name) else row.source
-  return (row.name, row.action, source, str(row.shape), dtype, row.sharding, row.reason)
+  read = human_bytes(row.nbytes) if row.nbytes else ""
+  return (row.name, row.action, source, str(row.shape), dtype, read, row.sharding, row.reason)
 
 
 def scope_of(row: LeafPlan) -> str:

@@ -14,7 +14,7 @@ from flax_warmstart import checkpoint as checkpoint_lib
 from flax_warmstart.assignment import AssignmentMap, build_assignment_plan
 from flax_warmstart.errors import WarmStartError
 from flax_warmstart.execute import check_can_reset, execute
-from flax_warmstart.naming import flatten_state, is_nnx_split
+from flax_warmstart.naming import flatten_state, unwrap_split
 from flax_warmstart.plan import WarmStartPlan, build_plan, combine, with_shardings
 from flax_warmstart.settings import WarmStartSettings
 
@@ -94,7 +94,7 @@ def plan(
     sources = [_settings(s, None) for s in ckpt_or_settings]
   else:
     sources = [_settings(ckpt_or_settings, settings)]
-  inner = state[1] if is_nnx_split(state) else state
+  inner = unwrap_split(state)
   variables, leaves, _ = flatten_state(inner)
   names = [v.name for v in variables]
   cache: dict[tuple[str, str | None], checkpoint_lib.Checkpoint] = {}
@@ -294,7 +294,7 @@ def plan_init_from_checkpoint(
     >>> [(row.name, row.action, row.source) for row in p.leaves]
     [('new/w', 'copy', 'old/w')]
   """
-  inner = state[1] if is_nnx_split(state) else state
+  inner = unwrap_split(state)
   variables, leaves, _ = flatten_state(inner)
   checkpoint = checkpoint_lib.load_checkpoint(ckpt_dir_or_file, prefer_names=[v.name for v in variables])
   result = build_assignment_plan(variables, checkpoint, assignment_map, allow_empty_scopes=allow_empty_scopes)

@@ -23,9 +23,10 @@ from jax.sharding import PartitionSpec as P
 
 import flax_warmstart as fws
 from flax_warmstart import report
+from flax_warmstart.report import human_bytes
 from flax_warmstart.serialize import initializer_from_spec, settings_from_dict, settings_to_dict
 
-COLUMNS = ("name", "action", "source", "shape", "dtype", "sharding", "reason")
+COLUMNS = ("name", "action", "source", "shape", "dtype", "read", "sharding", "reason")
 OLD_VOCAB = ["a", "b", "c"]
 # 4 vocabulary rows + 1 OOV row: "b" and "a" are copied, "z" and "d" are new, "c" is dropped.
 NEW_VOCAB = ["b", "a", "z", "d"]
@@ -119,7 +120,8 @@ def _expected_cells(row):
   """A row's table cells, derived from the LeafPlan independently of report.py."""
   dtype = f"{row.source_dtype}->{row.dtype}" if row.cast else str(row.dtype)
   source = "" if row.source is None or row.source == row.name else row.source
-  return [row.name, row.action, source, str(row.shape), dtype, row.sharding, row.reason]
+  read = human_bytes(row.nbytes) if row.nbytes else ""
+  return [row.name, row.action, source, str(row.shape), dtype, read, row.sharding, row.reason]
 
 
 def _split_row(line, starts):

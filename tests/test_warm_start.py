@@ -130,7 +130,7 @@ def test_plan_str_is_a_table(old_ckpt):
   text = str(plan)
   lines = text.splitlines()
   assert lines[0].startswith("2 of 14 leaves from")
-  assert lines[1].split() == ["name", "action", "source", "shape", "dtype", "sharding", "reason"]
+  assert lines[1].split() == ["name", "action", "source", "shape", "dtype", "read", "sharding", "reason"]
   assert [line.split()[0] for line in lines[2:16]] == fws.variable_names(new)
   # The checkpoint tensors nothing reads are listed last.
   assert lines[16].startswith(f"Unused in {old_ckpt}: ") and "head/kernel" in lines[16]
