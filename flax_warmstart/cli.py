@@ -220,6 +220,11 @@ def _print_diff(d: dict[str, Any]) -> None:
 def _plan(args: argparse.Namespace) -> tuple[Any, Any, Any]:
   """The plan for NEW's structure (abstract leaves) from OLD, and NEW itself."""
   settings = load_settings(args.settings, args.old)
+  if settings.optimizer_state == "reset":
+    raise WarmStartError(
+      "optimizer_state='reset' needs the live optimizer (state.tx), which a checkpoint does not hold;"
+      " NEW's optimizer state already is its fresh init, so use optimizer_state='keep'."
+    )
   new = checkpoint_lib.load_checkpoint(args.new)
   old = checkpoint_lib.load_checkpoint(args.old, item=settings.ckpt_item, prefer_names=list(new.variables))
   variables = list(new.variables.values())
