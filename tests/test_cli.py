@@ -335,6 +335,14 @@ def test_plan_that_cannot_be_carried_out_names_the_missing_tensor(ckpts):
   assert_user_error(result, "Cannot warm-start", "'backbone/kernel'", "'backbone/bias'", "no tensor", "head/kernel")
 
 
+def test_optimizer_reset_is_refused_offline_before_reading(ckpts, tmp_path):
+  settings = tmp_path / "reset.yaml"
+  settings.write_text("optimizer_state: reset\n")
+  result = cli("run", ckpts.old, ckpts.new, str(tmp_path / "out"), "--settings", str(settings))
+  assert_user_error(result, "optimizer_state='reset'", "optimizer_state='keep'")
+  assert not (tmp_path / "out").exists()
+
+
 # run
 
 
