@@ -38,7 +38,10 @@ class Checkpoint:
     requested: The location the user gave.
     step: The training step, when the location names one (a manager step).
     variables: Checkpoint name -> `Variable` (shape, dtype), in tree order.
-    tree: The checkpoint's metadata tree.
+    tree: The checkpoint's metadata tree, or for an in-memory checkpoint (see
+      `in_memory`) its values.
+    in_memory: True for a state dict already in memory (T5X hands one over):
+      `restore` then takes values from `tree` instead of reading files.
   """
 
   path: epath.Path
@@ -46,6 +49,7 @@ class Checkpoint:
   step: int | None
   variables: Mapping[str, Variable]
   tree: Any
+  in_memory: bool = False
 
   def describe(self) -> str:
     """The location given plus the step, for messages: `/runs/old@step 20`."""
@@ -195,6 +199,9 @@ def restore(checkpoint: Checkpoint, targets: Mapping[str, jax.ShapeDtypeStruct |
   """
   if not targets:
     return {}
+  if checkpoint.in_memory:
+    leaves = jax.tree_util.tree_leaves(checkpoint.tree)
+    return {name: _materialize(leaves[checkpoint.variables[name].index], spec) for name, spec in targets.items()}
   meta_leaves, treedef = jax.tree_util.tree_flatten(checkpoint.tree)
   item = [ocp.PLACEHOLDER] * len(meta_leaves)
   args: list[ocp.RestoreArgs] = [ocp.RestoreArgs()] * len(meta_leaves)
@@ -216,6 +223,40 @@ def restore(checkpoint: Checkpoint, targets: Mapping[str, jax.ShapeDtypeStruct |
   )
   values = jax.tree_util.tree_leaves(restored)
   return {name: values[checkpoint.variables[name].index] for name in targets}
+
+
+def _materialize(value: Any, spec: jax.ShapeDtypeStruct | None) -> Any:
+  """An in-memory value as an array: T5X's lazy arrays are read with `.get()`."""
+  if hasattr(value, "get") and not isinstance(value, np.ndarray | jax.Array):
+    value = value.get()
+  if spec is None:
+    return np.asarray(value)
+  if spec.sharding is None:
+    return np.asarray(value, dtype=spec.dtype)
+  return jax.device_put(np.asarray(value, dtype=spec.dtype), spec.sharding)
+
+
+def in_memory_checkpoint(tree: Any, description: str, step: int | None = None) -> Checkpoint:
+  """A `Checkpoint` over a state dict already in memory (its leaves have shape and dtype).
+
+  Args:
+    tree: The state dict; leaves are arrays or lazy arrays with `shape` and `dtype`.
+    description: How to name it in messages.
+    step: Its step, if known.
+
+  Returns:
+    The checkpoint, whose `restore` returns values from `tree`.
+
+  Examples:
+    >>> import numpy as np
+    >>> ckpt = in_memory_checkpoint({"w": np.ones(2)}, "<in memory>")
+    >>> restore(ckpt, {"w": None})["w"].tolist()
+    [1.0, 1.0]
+  """
+  variables = {v.name: v for v, _ in flatten_checkpoint_tree(tree)}
+  return Checkpoint(
+    path=epath.Path("."), requested=description, step=step, variables=variables, tree=tree, in_memory=True
+  )
 
 
 def list_variables(location: str | os.PathLike, *, item: str | None = None) -> list[tuple[str, tuple[int, ...]]]:

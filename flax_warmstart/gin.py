@@ -12,7 +12,8 @@ under the module `flax_warmstart`, so a `.gin` file can say::
     flax_warmstart.initializers.normal.stddev = 0.02
 
 Registered: `WarmStartSettings`, `VocabInfo`, `warm_start`,
-`init_from_checkpoint`, `MeanOfOldRows`, `MeanCovarianceOfOldRows`, and the
+`init_from_checkpoint`, `MeanOfOldRows`, `MeanCovarianceOfOldRows`,
+`t5x.state_transformation` (see `flax_warmstart.t5x`), and the
 JAX initializers `flax_warmstart.initializers.{zeros, ones, constant, normal,
 truncated_normal, uniform, glorot_uniform, lecun_normal}`.
 """
@@ -48,6 +49,11 @@ def _register() -> dict[str, Any]:
     "init_from_checkpoint",
   ):
     registered[name] = gin.external_configurable(getattr(fws, name), name=name, module=MODULE)
+  from flax_warmstart import t5x  # noqa: PLC0415
+
+  registered["t5x.state_transformation"] = gin.external_configurable(
+    t5x.state_transformation, name="state_transformation", module=f"{MODULE}.t5x"
+  )
   init = jax.nn.initializers
   for name, fn in {
     "zeros": lambda: init.zeros,

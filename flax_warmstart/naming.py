@@ -9,8 +9,12 @@
 * A subtree outside the params whose every leaf sits at a parameter's path
   (optax's `mu`, `nu`, `trace`, an EMA copy of the params, ...) holds *slots*:
   each leaf is named `<param name>/<path of the subtree from the root>`, e.g.
-  `Dense_0/kernel/opt_state/0/mu`. A parameter's rename, selection prefix and
-  vocabulary remap therefore carry its slots, as in TensorFlow.
+  `Dense_0/kernel/opt_state/0/mu`. Where the leaf sits below the parameter's
+  path (T5X's `state/param_states/<param>/v_row`), that suffix ends the name:
+  `Dense_0/kernel/state/param_states/v_row`. A parameter's rename, selection
+  prefix and vocabulary remap therefore carry its slots, as in TensorFlow.
+* A T5X state dict (`{"target": params, "state": {...}}`) has its params
+  under `target`.
 * Everything else is named by its path from the root: `opt_state/0/count`,
   `batch_stats/BatchNorm_0/mean`, `step`.
 * The `value` level of a Flax NNX `Variable` (or `nn.Partitioned` box) is not
@@ -82,22 +86,33 @@ def name_paths(
   n = len(params_prefix)
   params = {p[n:]: "/".join(p[n:]) for p, isp in zip(paths, is_param, strict=True) if isp}
   others = [p for p, isp in zip(paths, is_param, strict=True) if not isp]
+
+  # A slot subtree: a prefix under which every leaf sits at `prefix + <a
+  # parameter's path> + suffix` (the suffix is empty for optax's mu/nu/trace,
+  # one key for T5X's state/param_states/<param>/{m,v,v_row,v_col}).
+  def split(p: tuple[str, ...], k: int) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    for j in range(k + 1, len(p) + 1):
+      if p[k:j] in params:
+        return p[k:j], p[j:]
+    return None
+
   under: collections.Counter[tuple[str, ...]] = collections.Counter()
   mirrored: collections.Counter[tuple[str, ...]] = collections.Counter()
   for p in others:
     for k in range(1, len(p)):
       under[p[:k]] += 1
-      mirrored[p[:k]] += p[k:] in params
+      mirrored[p[:k]] += split(p, k) is not None
   out = []
   for p, isp in zip(paths, is_param, strict=True):
     if isp:
       out.append((params[p[n:]], "param", None, None))
       continue
     for k in range(1, len(p)):
-      prefix, rest = p[:k], p[k:]
-      if rest in params and under[prefix] == mirrored[prefix]:
-        slot = "/".join(prefix)
-        out.append((f"{params[rest]}/{slot}", "slot", params[rest], slot))
+      found = split(p, k) if under[p[:k]] == mirrored[p[:k]] else None
+      if found is not None:
+        param, suffix = params[found[0]], found[1]
+        slot = "/".join(p[:k] + suffix)
+        out.append((f"{param}/{slot}", "slot", param, slot))
         break
     else:
       out.append(("/".join(p), "other", None, None))
@@ -169,7 +184,10 @@ def _strip_value(sub_path: tuple[Any, ...]) -> tuple[str, ...]:
 
 def _params_prefix(tree: Any) -> tuple[str, ...]:
   if isinstance(tree, Mapping):
-    return ("params",) if "params" in tree else ()
+    if "params" in tree:
+      return ("params",)
+    # A T5X state dict: {"target": params, "state": {"param_states": ..., "step": ...}}.
+    return ("target",) if "target" in tree and "state" in tree else ()
   return ("params",) if hasattr(tree, "params") else ()
 
 

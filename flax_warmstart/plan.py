@@ -227,12 +227,13 @@ def select(
 
 
 def _is_optimizer(v: Variable) -> bool:
-  """Optimizer state: leaves under a root `opt_state` (TrainState, nnx.Optimizer)."""
-  return v.kind != "param" and (v.slot or v.name).split("/")[0] == "opt_state"
+  """Optimizer state: leaves under `opt_state` (TrainState, nnx.Optimizer) or T5X's `state/param_states`."""
+  path = v.slot or v.name
+  return v.kind != "param" and (path.split("/")[0] == "opt_state" or path.startswith("state/param_states"))
 
 
 def _is_step(v: Variable) -> bool:
-  return v.kind == "other" and v.name == "step"
+  return v.kind == "other" and v.name in ("step", "state/step")
 
 
 def apply_policies(
