@@ -88,12 +88,19 @@ def table(plan: WarmStartPlan) -> str:
     if scope is not None:
       lines.append(f"[{scope}] {len(rows)} leaves: {_counts(rows)}")
     lines += [line(_cells(row)) for row in rows]
+  return "\n".join(lines + _unused_lines(plan))
+
+
+def _unused_lines(plan: WarmStartPlan) -> list[str]:
+  """`Unused in <checkpoint>: a, b, ... and N more`, when any checkpoint tensor goes unread."""
   unused = plan.unused_tensors()
-  if any(unused.values()):
-    for where, names in unused.items():
-      shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
-      lines.append(f"Unused in {where}: {shown}" if names else f"Unused in {where}: none")
-  return "\n".join(lines)
+  if not any(unused.values()):
+    return []
+  lines = []
+  for where, names in unused.items():
+    shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "") if names else "none"
+    lines.append(f"Unused in {where}: {shown}")
+  return lines
 
 
 def to_html(plan: WarmStartPlan) -> str:
@@ -114,6 +121,7 @@ def to_html(plan: WarmStartPlan) -> str:
       parts.append(f'<tr class="{esc(row.action)}">' + "".join(f"<td>{esc(c)}</td>" for c in _cells(row)) + "</tr>")
     parts.append("</tbody>")
   parts.append("</table>")
+  parts += [f'<p class="unused">{esc(line)}</p>' for line in _unused_lines(plan)]
   return "".join(parts)
 
 
