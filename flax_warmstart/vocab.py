@@ -209,33 +209,34 @@ def build_mapping(
   index = np.array(list(map(old_index.get, tokens, itertools.repeat(-1))), dtype=np.int32).reshape(n_load)
   slot_index = index.copy()
   problems = []
-  row_of: dict[str, int] = {}
+  # Rows of each token (a token may repeat in the new vocabulary), built only
+  # when donors or explicit vectors need it: one pass, not one per entry.
+  rows_of: dict[str, list[int]] = {}
   if donors or vectors:
     for row, tok in enumerate(tokens):
-      row_of.setdefault(tok, row)
+      rows_of.setdefault(tok, []).append(row)
   donated = 0
   for tok, donor in (donors or {}).items():
-    if tok not in row_of:
+    if tok not in rows_of:
       problems.append(f"{where}: donor entry for {tok!r}, which is not among the new vocabulary's {n_load} rows.")
     elif donor not in old_index:
       problems.append(f"{where}: donor token {donor!r} (for {tok!r}) is not in the old vocabulary.")
-    elif index[row_of[tok]] >= 0:
+    elif index[rows_of[tok][0]] >= 0:
       problems.append(f"{where}: {tok!r} is in the old vocabulary already; it needs no donor {donor!r}.")
     else:
-      rows = [r for r, t in enumerate(tokens) if t == tok]
-      index[rows] = old_index[donor]
-      donated += len(rows)
+      index[rows_of[tok]] = old_index[donor]
+      donated += len(rows_of[tok])
   explicit_rows: list[tuple[int, np.ndarray]] = []
   for tok, vector in (vectors or {}).items():
     vec = np.asarray(vector)
-    if tok not in row_of:
+    if tok not in rows_of:
       problems.append(f"{where}: explicit vector for {tok!r}, which is not among the new vocabulary's {n_load} rows.")
     elif vec.shape != row_shape:
       problems.append(f"{where}: explicit vector for {tok!r} has shape {vec.shape}, expected {row_shape}.")
-    elif index[row_of[tok]] >= 0:
+    elif index[rows_of[tok][0]] >= 0:
       problems.append(f"{where}: {tok!r} already gets a row from the old vocabulary; drop its explicit vector.")
     else:
-      explicit_rows += [(r, vec) for r, t in enumerate(tokens) if t == tok]
+      explicit_rows += [(r, vec) for r in rows_of[tok]]
   if problems:
     raise WarmStartError(problems, header="Invalid vocabulary remap")
   explicit_set = {r for r, _ in explicit_rows}
