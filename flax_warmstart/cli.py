@@ -58,42 +58,25 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("-v", "--verbose", action="store_true", help="log what is loaded (INFO)")
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-  p = sub.add_parser(
-    "inspect",
-    help="names, shapes, dtypes and bytes of a checkpoint",
-    epilog=EPILOG,
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-  )
-  p.add_argument("ckpt", metavar="CKPT")
+  def verb(name: str, help_: str, *positionals: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for arg in positionals:
+      p.add_argument(arg.lower(), metavar=arg)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return p
+
+  p = verb("inspect", "names, shapes, dtypes and bytes of a checkpoint", "CKPT")
   p.add_argument("--filter", metavar="REGEX", help="only names that re.search this regex")
   p.add_argument("--item", help="item of a step directory with several items")
-  p.add_argument("--json", action="store_true", help="print JSON")
-
-  p = sub.add_parser(
-    "diff",
-    help="compare the names, shapes and dtypes of two checkpoints",
-    epilog=EPILOG,
-    formatter_class=argparse.RawDescriptionHelpFormatter,
-  )
-  p.add_argument("old", metavar="OLD")
-  p.add_argument("new", metavar="NEW")
-  p.add_argument("--json", action="store_true", help="print JSON")
-
-  for name, help_ in (
-    ("plan", "show the plan for warm-starting NEW's structure from OLD"),
-    ("run", "warm-start NEW from OLD offline and write the result to OUT"),
-  ):
-    p = sub.add_parser(name, help=help_, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("old", metavar="OLD")
-    p.add_argument("new", metavar="NEW")
-    if name == "run":
-      p.add_argument("out", metavar="OUT")
-      p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
-      p.add_argument("--no-progress", action="store_true", help="no progress display")
+  verb("diff", "compare the names, shapes and dtypes of two checkpoints", "OLD", "NEW")
+  plan = verb("plan", "show the plan for warm-starting NEW's structure from OLD", "OLD", "NEW")
+  run = verb("run", "warm-start NEW from OLD offline and write the result to OUT", "OLD", "NEW", "OUT")
+  run.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+  run.add_argument("--no-progress", action="store_true", help="no progress display")
+  for p in (plan, run):
     p.add_argument(
       "--settings", metavar="FILE", help="WarmStartSettings as JSON, YAML or Gin (.gin, needs the gin extra)"
     )
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
   return parser
 
 
