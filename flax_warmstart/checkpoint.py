@@ -10,6 +10,7 @@ asked for, each placed directly with the sharding it is asked for.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -18,6 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from etils import epath
 
 from flax_warmstart.errors import WarmStartError
@@ -50,6 +52,12 @@ class Checkpoint:
   variables: Mapping[str, Variable]
   tree: Any
   in_memory: bool = False
+  use_zarr3: bool = False
+
+  @functools.cached_property
+  def metadata_leaves(self) -> list[Any]:
+    """The leaves of `tree`, indexed by `Variable.index`."""
+    return jax.tree_util.tree_leaves(self.tree)
 
   def describe(self) -> str:
     """The location given plus the step, for messages: `/runs/old@step 20`."""
@@ -141,6 +149,11 @@ def locate(location: str | os.PathLike) -> tuple[epath.Path, int | None]:
     step, step_dir = max(steps)
     return step_dir, step
   listing = sorted(p.name for p in path.iterdir())[:10]
+  if any(ocp.path.step.is_tmp_checkpoint(p) for p in path.iterdir()):
+    raise WarmStartError(
+      f"No finalized Orbax checkpoint at {requested} yet: a save is still in progress ({listing})."
+      " CheckpointManager saves asynchronously; call mgr.wait_until_finished() before reading it."
+    )
   raise WarmStartError(
     f"No Orbax checkpoint found at {requested}. Looked for a checkpoint directory"
     f" (with a {_ITEM_FILE} file), a step directory (with item directories such as"
@@ -181,7 +194,49 @@ def _read(path: epath.Path, requested: str, step: int | None) -> Checkpoint:
   tree = getattr(metadata, "item_metadata", metadata)
   tree = getattr(tree, "tree", tree)
   variables = {v.name: v for v, _ in flatten_checkpoint_tree(tree)}
-  return Checkpoint(path=path, requested=requested, step=step, variables=variables, tree=tree)
+  use_zarr3 = bool(getattr(metadata, "use_zarr3", False))
+  return Checkpoint(path=path, requested=requested, step=step, variables=variables, tree=tree, use_zarr3=use_zarr3)
+
+
+def open_arrays(checkpoint: Checkpoint, names: Iterable[str]) -> dict[str, ts.TensorStore]:
+  """Opens saved arrays for reading into buffers of our own (see `execute`).
+
+  Only in a single process and for arrays that Orbax stored with TensorStore,
+  opened with Orbax's own spec and context; the others (in-memory
+  checkpoints, scalars, strings, and every array in a multi-process run,
+  where each process reads its own shards) are left to `restore`.
+
+  Args:
+    checkpoint: From `load_checkpoint`.
+    names: Checkpoint names.
+
+  Returns:
+    Checkpoint name -> opened TensorStore (metadata read, no data), for the
+    names that can be read so.
+  """
+  if checkpoint.in_memory or jax.process_count() > 1:
+    return {}
+  use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(checkpoint.path)
+  context = _ts_context(use_ocdbt)
+  opening = {}
+  for name in names:
+    meta = checkpoint.metadata_leaves[checkpoint.variables[name].index]
+    if not isinstance(meta, ocp.metadata.ArrayMetadata) or not meta.name:
+      continue
+    info = ocp.type_handlers.ParamInfo(
+      name=meta.name,
+      parent_dir=epath.Path(meta.directory or checkpoint.path),
+      use_zarr3=checkpoint.use_zarr3,
+      ts_context=context,
+    )
+    spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=use_ocdbt)
+    opening[name] = ts.open(spec, open=True, context=context)
+  return {name: future.result() for name, future in opening.items()}
+
+
+@functools.cache
+def _ts_context(use_ocdbt: bool) -> ts.Context:
+  return ocp.type_handlers.get_ts_context(use_ocdbt=use_ocdbt)
 
 
 def restore(checkpoint: Checkpoint, targets: Mapping[str, jax.ShapeDtypeStruct | None]) -> dict[str, Any]:
@@ -200,7 +255,7 @@ def restore(checkpoint: Checkpoint, targets: Mapping[str, jax.ShapeDtypeStruct |
   if not targets:
     return {}
   if checkpoint.in_memory:
-    leaves = jax.tree_util.tree_leaves(checkpoint.tree)
+    leaves = checkpoint.metadata_leaves
     return {name: _materialize(leaves[checkpoint.variables[name].index], spec) for name, spec in targets.items()}
   meta_leaves, treedef = jax.tree_util.tree_flatten(checkpoint.tree)
   item = [ocp.PLACEHOLDER] * len(meta_leaves)

@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_warmstart import checkpoint as checkpoint_lib
+from flax_warmstart import hostread, report
 from flax_warmstart import remap as remap_lib
-from flax_warmstart import report
 from flax_warmstart.errors import WarmStartError
-from flax_warmstart.naming import flatten_state, is_nnx_split
+from flax_warmstart.naming import flatten_state, is_nnx_split, unwrap_split
 from flax_warmstart.plan import LeafPlan, WarmStartPlan
 
 logger = logging.getLogger("flax_warmstart")
@@ -63,20 +63,32 @@ def check_can_reset(state: Any) -> None:
     )
 
 
-def execute(plan: WarmStartPlan, state: State, *, rng: jax.Array | None = None, show_progress: bool = True) -> State:
+def execute(
+  plan: WarmStartPlan,
+  state: State,
+  *,
+  rng: jax.Array | None = None,
+  init_fn: Callable[[], Any] | None = None,
+  show_progress: bool = True,
+) -> State:
   """Carries out a plan: reads what it names and returns the merged state.
 
   Args:
     plan: From `flax_warmstart.plan`, for this state's structure.
-    state: The live state; it is not modified.
+    state: The live state, or an abstract one (see `warm_start`); it is not
+      modified.
     rng: PRNG key for random backup initializers of vocabulary remaps.
+    init_fn: For an abstract state: a function of no arguments returning the
+      state freshly initialised; only its leaves that are not loaded are
+      computed (see `warm_start`).
     show_progress: Show the phase (reading, remapping) on a terminal.
 
   Returns:
     A new state of the same type, structure, shapes, dtypes and shardings.
 
   Raises:
-    WarmStartError: If the plan was built for a state of other names.
+    WarmStartError: If the plan was built for a state of other names, or an
+      abstract leaf that is not loaded has no `init_fn` to compute it.
 
   Examples:
     >>> import tempfile, jax.numpy as jnp, orbax.checkpoint as ocp
@@ -90,7 +102,8 @@ def execute(plan: WarmStartPlan, state: State, *, rng: jax.Array | None = None, 
   """
   if is_nnx_split(state):
     graphdef, inner = state
-    return (graphdef, execute(plan, inner, rng=rng, show_progress=show_progress))  # type: ignore[return-value]
+    inner_fn = None if init_fn is None else lambda: unwrap_split(init_fn())
+    return (graphdef, execute(plan, inner, rng=rng, init_fn=inner_fn, show_progress=show_progress))  # type: ignore[return-value]
   variables, leaves, treedef = flatten_state(state)
   if [v.name for v in variables] != [leaf.name for leaf in plan.leaves]:
     raise WarmStartError(
@@ -107,7 +120,7 @@ def execute(plan: WarmStartPlan, state: State, *, rng: jax.Array | None = None, 
       changed, header="This plan was built for a state of other shapes or dtypes; build it again for this state"
     )
   with progress(show_progress) as update:
-    new_leaves = execute_leaves(plan, leaves, rng=rng, state=state, treedef=treedef, update=update)
+    new_leaves = execute_leaves(plan, leaves, rng=rng, init_fn=init_fn, state=state, treedef=treedef, update=update)
   return jax.tree_util.tree_unflatten(treedef, new_leaves)
 
 
@@ -116,6 +129,7 @@ def execute_leaves(
   leaves: list[Any],
   *,
   rng: jax.Array | None = None,
+  init_fn: Callable[[], Any] | None = None,
   state: Any = None,
   treedef: Any = None,
   update: Callable[[str], None] = lambda message: None,
@@ -124,8 +138,9 @@ def execute_leaves(
 
   Args:
     plan: The plan; its rows are the leaves' names, in order.
-    leaves: The live leaves.
+    leaves: The live leaves (`jax.ShapeDtypeStruct`s for an abstract state).
     rng: PRNG key for random backup initializers.
+    init_fn: Computes the abstract leaves that are not loaded (see `execute`).
     state: The live state, needed only for `optimizer_state='reset'`.
     treedef: Its treedef, likewise.
     update: Called with the current phase, for a progress display.
@@ -133,43 +148,136 @@ def execute_leaves(
   Returns:
     The new leaves.
   """
+  live = [_placed(x) for x in leaves]
   keys = {i: None if rng is None else jax.random.fold_in(rng, i) for i in range(len(leaves))}
-  # Fills that need no old table first: a bad backup initializer fails before any read.
+  # Everything that can fail comes before any read: the fills of new vocabulary
+  # rows (a bad backup initializer), then the init of abstract leaves.
   fills = {
-    i: remap_lib.initial_fill(row.remap, row.shape, leaves[i].dtype, keys[i], row.name)
+    i: remap_lib.initial_fill(row.remap, row.shape, live[i].dtype, keys[i], row.name)
     for i, row in enumerate(plan.leaves)
     if row.action == "remap"
   }
-  targets: dict[int, dict[str, jax.ShapeDtypeStruct | None]] = {id(c): {} for c in plan.checkpoints}
-  for i, row in enumerate(plan.leaves):
-    if row.action in ("copy", "remap") and row.source not in targets[id(row.checkpoint)]:
-      targets[id(row.checkpoint)][row.source] = _restore_spec(leaves[i], row)
-  # One read per checkpoint. Wait for the reads to land: Orbax's host staging
-  # buffers are then freed before the gathers allocate their outputs (1 GiB
-  # less peak for a 1 GiB table).
-  restored = {}
-  for c in plan.checkpoints:
-    nbytes = sum(row.nbytes for row in plan.loaded if row.checkpoint is c)
-    update(f"Reading {len(targets[id(c)])} tensors ({report.human_bytes(nbytes)}) from {c.describe()}")
-    restored[id(c)] = jax.block_until_ready(checkpoint_lib.restore(c, targets[id(c)]))
   new_leaves = [np.array(x) if isinstance(x, np.ndarray) else x for x in leaves]
+  fresh = [i for i, x in enumerate(leaves) if isinstance(x, jax.ShapeDtypeStruct) and plan.leaves[i].action == "keep"]
+  if fresh:
+    update(f"Initialising {len(fresh)} leaves that are not loaded")
+    for i, value in zip(fresh, _init_leaves(init_fn, fresh, plan, live), strict=True):
+      new_leaves[i] = value
+  # Reads into our own buffers where the target is host memory or one CPU
+  # device (see hostread); the others through Orbax, each shard placed on its
+  # device. Orbax's host staging buffers are freed (the reads waited for)
+  # before the gathers allocate their outputs.
+  direct: dict[int, hostread.Read] = {}
+  targets: dict[int, dict[str, jax.ShapeDtypeStruct | None]] = {id(c): {} for c in plan.checkpoints}
+  for c in plan.checkpoints:
+    mine = [i for i, row in enumerate(plan.leaves) if row.action in ("copy", "remap") and row.checkpoint is c]
+    stores = checkpoint_lib.open_arrays(
+      c, {plan.leaves[i].source for i in mine if _host_target(plan.leaves[i], live[i])}
+    )
+    for i in mine:
+      row = plan.leaves[i]
+      if row.source in stores:
+        direct[i] = _host_read(stores[row.source], row, live[i])
+      elif row.source not in targets[id(c)]:
+        targets[id(c)][row.source] = _restore_spec(live[i], row)
+  sources = ", ".join(c.describe() for c in plan.checkpoints)
+  update(
+    f"Reading {len(plan.loaded)} tensors ({report.human_bytes(sum(r.nbytes for r in plan.loaded))}) from {sources}"
+  )
+  reads = list(direct.values())
+  hostread.run(reads, max_bytes_in_flight=max(_MIN_BYTES_IN_FLIGHT, sum(r.nbytes for r in reads) // 10))
+  restored = {id(c): jax.block_until_ready(checkpoint_lib.restore(c, targets[id(c)])) for c in plan.checkpoints}
   for i, row in enumerate(plan.leaves):
-    if row.action == "copy":
-      new_leaves[i] = _conform(restored[id(row.checkpoint)][row.source], leaves[i])
+    if i in direct:
+      out = direct.pop(i).out
+      if row.action == "remap":
+        remap_lib.fill_missing(
+          out, row.remap.index, fills[i], remap_lib.fill_index_of(row.remap), axis=row.remap.info.axis
+        )
+      new_leaves[i] = _conform(out, live[i])
+    elif row.action == "copy":
+      new_leaves[i] = _conform(restored[id(row.checkpoint)][row.source], live[i])
     elif row.action == "remap":
       update(f"Remapping the vocabulary of {row.name}")
       table = restored[id(row.checkpoint)][row.source]
-      new_leaves[i] = _conform(remap_lib.apply_remap(row.remap, table, fills[i], leaves[i], keys[i]), leaves[i])
+      value = remap_lib.apply_remap(row.remap, table, fills[i], live[i], keys[i])
+      new_leaves[i] = _conform(value, live[i])
     elif row.action == "reset" and row.name == "step":
-      new_leaves[i] = _conform(np.zeros(row.shape, row.dtype), leaves[i])
+      new_leaves[i] = _conform(np.zeros(row.shape, row.dtype), live[i])
   if any(row.action == "reset" and row.name != "step" for row in plan.leaves):
-    new_leaves = _reset_optimizer(plan, state, treedef, leaves, new_leaves)
+    new_leaves = _reset_optimizer(plan, state, treedef, live, leaves, new_leaves)
   _log(plan)
   return new_leaves
 
 
+# Reads into our own buffers keep at most max(this, a tenth of their bytes) in flight.
+_MIN_BYTES_IN_FLIGHT = 64 << 20
+
+
+def _placed(leaf: Any) -> Any:
+  """An abstract leaf without a sharding is placed on the default device, like a fresh array."""
+  if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
+    # This process's first device (jax.devices()[0] is process 0's, which the others cannot address).
+    device = jax.local_devices()[0]
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=jax.sharding.SingleDeviceSharding(device))
+  return leaf
+
+
+def _host_target(row: LeafPlan, live: Any) -> bool:
+  """Whether a tensor can be read straight into the leaf's own memory: host memory or one CPU device."""
+  if row.remap is not None:
+    return remap_lib.host_gather_ok(row.remap, live)
+  if isinstance(live, np.ndarray):
+    return True
+  return remap_lib.on_one_cpu(live)
+
+
+def _host_read(store: Any, row: LeafPlan, live: Any) -> hostread.Read:
+  if row.remap is None:
+    return hostread.whole(store, live.dtype)
+  return hostread.rows(store, row.remap.index, row.shape, live.dtype, row.remap.info.axis)
+
+
+def _init_leaves(init_fn: Callable[[], Any] | None, indices: list[int], plan: WarmStartPlan, live: list[Any]) -> list:
+  """The abstract leaves that are not loaded, computed by `init_fn` under `jit` with only them as outputs.
+
+  XLA drops the computations of every other leaf, so the loaded ones are never
+  initialised, and each output is made directly with its leaf's sharding.
+  """
+  names = [plan.leaves[i].name for i in indices]
+  if init_fn is None:
+    shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise WarmStartError(
+      f"The state is abstract (jax.ShapeDtypeStruct leaves) and {len(names)} of its leaves are not loaded from"
+      f" the checkpoint: {shown}. Pass init_fn= (a function of no arguments returning the freshly initialised"
+      " state, e.g. functools.partial(create_train_state, jax.random.key(0))) to compute them, or load them."
+    )
+
+  def fresh() -> list[Any]:
+    variables, values, _ = flatten_state(unwrap_split(init_fn()))
+    if [v.name for v in variables] != [row.name for row in plan.leaves]:
+      theirs, ours = {v.name for v in variables}, {row.name for row in plan.leaves}
+      raise WarmStartError(
+        "init_fn returns a state with other variables than the abstract state's:"
+        f" only in init_fn's: {sorted(theirs - ours)[:5]}; only in the state: {sorted(ours - theirs)[:5]}."
+      )
+    # Compared as jit returns them: a Python int step comes out as int32 without x64.
+    wrong = [
+      f"{variables[i].name!r}: init_fn gives {variables[i].shape} {variables[i].dtype}, the state has"
+      f" {plan.leaves[i].shape} {plan.leaves[i].dtype}"
+      for i in indices
+      if variables[i].shape != plan.leaves[i].shape
+      or jax.dtypes.canonicalize_dtype(variables[i].dtype) != jax.dtypes.canonicalize_dtype(plan.leaves[i].dtype)
+    ]
+    if wrong:
+      raise WarmStartError(wrong, header="init_fn returns leaves of other shapes or dtypes than the abstract state's")
+    return [values[i] for i in indices]
+
+  return jax.jit(fresh, out_shardings=[live[i].sharding for i in indices])()
+
+
 def _reset_optimizer(
-  plan: WarmStartPlan, state: Any, treedef: Any, leaves: list[Any], new_leaves: list[Any]
+  plan: WarmStartPlan, state: Any, treedef: Any, live: list[Any], leaves: list[Any], new_leaves: list[Any]
 ) -> list[Any]:
   """The optimizer's fresh init for the reset leaves, from the warm-started params."""
   check_can_reset(state)
@@ -179,14 +287,14 @@ def _reset_optimizer(
   out = list(new_leaves)
   for i, row in enumerate(plan.leaves):
     if row.action == "reset" and row.name != "step":
-      out[i] = _conform(fresh_leaves[i], leaves[i])
+      out[i] = _conform(fresh_leaves[i], live[i])
   return out
 
 
 def _restore_spec(leaf: Any, row: LeafPlan) -> jax.ShapeDtypeStruct | None:
   """How to read a tensor for this live leaf: sharded like it (an old vocabulary
   table: sharded off its vocabulary axis, for a local gather), or to host."""
-  if not isinstance(leaf, jax.Array):
+  if not isinstance(leaf, jax.Array | jax.ShapeDtypeStruct):
     return None
   if row.remap is None:
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
@@ -197,8 +305,8 @@ def _restore_spec(leaf: Any, row: LeafPlan) -> jax.ShapeDtypeStruct | None:
 
 
 def _conform(value: Any, live: Any) -> Any:
-  """Gives a restored value the live leaf's type, dtype and sharding."""
-  if isinstance(live, jax.Array):
+  """Gives a restored value the live leaf's type, dtype and sharding (a jax.Array for an abstract leaf)."""
+  if isinstance(live, jax.Array | jax.ShapeDtypeStruct):
     if not isinstance(value, jax.Array):
       return jax.device_put(np.asarray(value, dtype=live.dtype), live.sharding)
     if value.dtype != live.dtype:

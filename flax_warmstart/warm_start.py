@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import jax
@@ -133,6 +133,7 @@ def warm_start(
   settings: WarmStartSettings | None = None,
   *,
   rng: jax.Array | None = None,
+  init_fn: Callable[[], State] | None = None,
   overlap: str = "error",
   plan: WarmStartPlan | None = None,
   show_progress: bool = True,
@@ -147,7 +148,12 @@ def warm_start(
   Args:
     state: A Flax `TrainState` (or subclass, e.g. with `batch_stats`), a Linen
       variables dict, a params tree (dict or `FrozenDict`), a Flax NNX `State`,
-      or the `(graphdef, state)` pair of `nnx.split`.
+      or the `(graphdef, state)` pair of `nnx.split`. Or the same abstractly,
+      with `jax.ShapeDtypeStruct` leaves (as `jax.eval_shape` of the init
+      function gives; with a `sharding` each, or on the default device), so
+      that a large model is never initialised just to be overwritten: the
+      loaded leaves are read straight into their own memory and `init_fn`
+      computes the others.
     ckpt_or_settings: A checkpoint location (a `CheckpointManager` root, a
       step directory or a checkpoint directory), or the `WarmStartSettings`.
       A location alone warm-starts every parameter (`vars_to_warm_start=".*"`).
@@ -158,6 +164,12 @@ def warm_start(
     rng: PRNG key for random `backup_initializer`s of vocabulary remaps
       (`jax.random.key(0)`); each leaf and call draws from its own fold of it,
       so results are reproducible.
+    init_fn: For an abstract `state`: a function of no arguments that returns
+      the state freshly initialised (e.g. `functools.partial(create_state,
+      jax.random.key(0))`). It is jitted with only the abstract leaves that
+      are not loaded as outputs, so XLA computes and allocates nothing else,
+      and each comes out with its leaf's sharding. Leaves of a concrete state
+      keep their value.
     overlap: With several sources, what to do when two load the same leaf:
       `"error"` (default), `"first"` or `"last"` (that source wins).
     plan: A plan already built (and shown) with `flax_warmstart.plan` for this
@@ -176,7 +188,7 @@ def warm_start(
       `var_name_to_vocab_info` keys, selected variables missing from the
       checkpoint (with the closest names), shape mismatches, bad vocabulary
       files (naming file, line and token), a random backup initializer
-      without `rng`.
+      without `rng`, an abstract leaf that is not loaded and no `init_fn`.
 
   Examples:
     >>> import tempfile, jax.numpy as jnp, orbax.checkpoint as ocp
@@ -191,13 +203,21 @@ def warm_start(
     >>> out = warm_start(new, settings)
     >>> out["params"]["encoder"]["kernel"].sum().item(), out["params"]["head"]["kernel"].sum().item()
     (4.0, 0.0)
+
+    From an abstract state: only the head is initialised, by `init_fn`.
+
+    >>> import jax
+    >>> init = lambda: {"params": {"encoder": {"kernel": jnp.zeros((2, 2))}, "head": {"kernel": jnp.ones((2, 1))}}}
+    >>> out = warm_start(jax.eval_shape(init), settings, init_fn=init)
+    >>> out["params"]["encoder"]["kernel"].sum().item(), out["params"]["head"]["kernel"].sum().item()
+    (4.0, 2.0)
   """
   if plan is not None:
     if ckpt_or_settings is not None or settings is not None:
       raise WarmStartError("Pass either a plan or a checkpoint/settings to warm_start, not both.")
-    return execute(plan, state, rng=rng, show_progress=show_progress)
+    return execute(plan, state, rng=rng, init_fn=init_fn, show_progress=show_progress)
   built = make_plan(state, ckpt_or_settings, settings, overlap=overlap)
-  return execute(built, state, rng=rng, show_progress=show_progress)
+  return execute(built, state, rng=rng, init_fn=init_fn, show_progress=show_progress)
 
 
 def has_checkpoint(run_dir: str | os.PathLike) -> bool:

@@ -108,6 +108,7 @@ def ckpt_dir(tmp_path):
 def no_reads(monkeypatch):
   """Makes any read of checkpoint arrays fail: errors must come from metadata alone."""
   from flax_warmstart import checkpoint as checkpoint_lib
+  from flax_warmstart import hostread
 
   def fail(*args, **kwargs):
     raise AssertionError("a checkpoint array was read before the request was validated")
@@ -115,3 +116,4 @@ def no_reads(monkeypatch):
   monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "restore", fail)
   monkeypatch.setattr(ocp.StandardCheckpointHandler, "restore", fail)
   monkeypatch.setattr(checkpoint_lib, "restore", fail)
+  monkeypatch.setattr(hostread.Read, "start", fail)

@@ -45,6 +45,15 @@ def test_manager_root_ignores_unfinished_steps(tmp_path):
   assert load_checkpoint(root).step == 5
 
 
+def test_a_save_still_in_progress_says_so(tmp_path):
+  root = tmp_path / "run"
+  save_manager_step(tmp_path / "done", 5, _tree(5.0))
+  root.mkdir()
+  shutil.copytree(tmp_path / "done" / "5", root / "3.orbax-checkpoint-tmp-123")
+  with pytest.raises(fws.WarmStartError, match=r"save is still in progress.*wait_until_finished"):
+    locate(root)
+
+
 def test_manager_root_with_step_prefix(tmp_path):
   root = tmp_path / "run"
   options = ocp.CheckpointManagerOptions(step_prefix="ckpt")
