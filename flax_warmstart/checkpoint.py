@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -27,6 +28,7 @@ from flax_warmstart.naming import Variable, flatten_checkpoint_tree
 
 _STEP_NAME = re.compile(r"^(?:.*_)?(\d+)$")
 _ITEM_FILE = "_METADATA"
+_CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
 # Item names tried, in order, when a step directory holds several PyTree items.
 _PREFERRED_ITEMS = ("default", "state", "train_state")
 
@@ -171,11 +173,30 @@ def _item_dirs(path: epath.Path) -> list[epath.Path]:
 
 
 def _step_of(path: epath.Path) -> int | None:
-  for p in (path, path.parent):
-    match = _STEP_NAME.match(p.name)
-    if match:
-      return int(match.group(1))
+  """The step of a manager's step directory or of an item inside one; None for a standalone checkpoint.
+
+  A standalone checkpoint (`StandardCheckpointer.save(".../run_0")`) keeps its
+  `_CHECKPOINT_METADATA` in itself, with a single handler; a manager's step
+  keeps it at the step level, above its items. So neither a standalone
+  directory named like a step nor one inside a directory named like a step
+  (pytest's `tmp_path` ends in `_0`) gets a step.
+  """
+  match = _STEP_NAME.match(path.name)
+  if match and not _standalone(path):
+    return int(match.group(1))
+  match = _STEP_NAME.match(path.parent.name)
+  if match and _is_item(path) and (path.parent / _CHECKPOINT_METADATA).exists() and not _standalone(path.parent):
+    return int(match.group(1))
   return None
+
+
+def _standalone(path: epath.Path) -> bool:
+  """Whether `path` is a checkpoint saved on its own (one handler in its `_CHECKPOINT_METADATA`)."""
+  try:
+    handlers = json.loads((path / _CHECKPOINT_METADATA).read_text()).get("item_handlers")
+  except (OSError, ValueError, AttributeError):
+    return False
+  return isinstance(handlers, str)
 
 
 def _step_dirs(path: epath.Path) -> list[tuple[int, epath.Path]]:

@@ -124,3 +124,13 @@ def test_only_selected_tensors_are_read(tmp_path):
   out = fws.warm_start(_live(), path, fws.WarmStartSettings(path, vars_to_warm_start="encoder"))
   assert np.all(out["params"]["encoder"]["kernel"] == 1.0)
   assert np.all(out["params"]["head"]["bias"] == 0.0)
+
+
+def test_only_manager_steps_have_a_step(tmp_path):
+  # pytest's tmp_path ends in _0: a standalone checkpoint inside it, or named like a step, has no step.
+  assert load_checkpoint(save_checkpoint(tmp_path / "ckpt", _tree(1.0))).step is None
+  assert load_checkpoint(save_checkpoint(tmp_path / "ckpt_3", _tree(1.0))).step is None
+  root = save_manager_step(tmp_path / "run", 5, _tree(5.0))
+  assert load_checkpoint(root).step == 5
+  assert load_checkpoint(f"{root}/5").step == 5
+  assert load_checkpoint(f"{root}/5/default").step == 5

@@ -1,0 +1,120 @@
+"""Reads into our own host buffers (flax_warmstart/hostread.py) and when `warm_start` uses them."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import save_checkpoint
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import flax_warmstart as fws
+from flax_warmstart import checkpoint as checkpoint_lib
+from flax_warmstart import hostread
+
+
+def _stores(path, names):
+  ckpt = checkpoint_lib.load_checkpoint(path)
+  return checkpoint_lib.open_arrays(ckpt, names)
+
+
+@pytest.fixture
+def saved(tmp_path):
+  table = np.arange(6 * 5, dtype=np.float32).reshape(6, 5) / 7
+  tree = {"params": {"emb": jnp.asarray(table), "ids": jnp.arange(4, dtype=jnp.int32)}, "step": 3}
+  return table, save_checkpoint(tmp_path / "ckpt", tree)
+
+
+def test_whole_reads_into_an_aligned_buffer_with_a_cast(saved):
+  table, path = saved
+  stores = _stores(path, ["emb", "ids"])
+  reads = [hostread.whole(stores["emb"], ml_dtypes.bfloat16), hostread.whole(stores["ids"], np.int32)]
+  hostread.run(reads, max_bytes_in_flight=1 << 20)
+  assert reads[0].out.ctypes.data % 64 == 0 and reads[0].out.dtype == ml_dtypes.bfloat16
+  np.testing.assert_array_equal(reads[0].out, table.astype(ml_dtypes.bfloat16))
+  np.testing.assert_array_equal(reads[1].out, np.arange(4))
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_rows_reads_only_kept_rows_into_their_new_places(saved, axis):
+  table, path = saved
+  old = table if axis == 0 else table.T  # (6, 5) or (5, 6): vocabulary of 6 on `axis`
+  store = _stores(path, ["emb"])["emb"]
+  if axis == 1:
+    store = store.T
+  index = np.array([5, -1, 0, 0, 2, -1, 3])  # reordered, a duplicate, two new rows
+  shape = (7, 5) if axis == 0 else (4, 7)  # axis 1: the leading 4 of 5 hidden rows, as TensorFlow does
+  read = hostread.rows(store, index, shape, np.float32, axis)
+  hostread.run([read], max_bytes_in_flight=1)
+  kept = index >= 0
+  expected = np.take(old, index[kept], axis=axis)
+  if axis == 0:
+    np.testing.assert_array_equal(read.out[kept], expected)
+  else:
+    np.testing.assert_array_equal(read.out[:, kept], expected[:4])
+
+
+def test_run_bounds_the_bytes_in_flight(monkeypatch, saved):
+  _, path = saved
+  store = _stores(path, ["emb"])["emb"]
+  reads = [hostread.whole(store, np.float32) for _ in range(6)]  # 120 bytes each
+  in_flight, peak = [], [0]
+  start, wait = hostread.Read.start, hostread.Read.wait
+
+  def tracked_start(self):
+    in_flight.append(self)
+    peak[0] = max(peak[0], sum(r.nbytes for r in in_flight))
+    start(self)
+
+  def tracked_wait(self):
+    wait(self)
+    in_flight.remove(self)
+
+  monkeypatch.setattr(hostread.Read, "start", tracked_start)
+  monkeypatch.setattr(hostread.Read, "wait", tracked_wait)
+  hostread.run(reads, max_bytes_in_flight=250)
+  assert peak[0] == 240 and not in_flight
+  hostread.run(reads[:2], max_bytes_in_flight=10)  # larger than the bound: one at a time
+  assert peak[0] == 240
+
+
+def _orbax_targets(monkeypatch):
+  """Records what `warm_start` leaves to Orbax's restore."""
+  seen = []
+  restore = checkpoint_lib.restore
+
+  def recording(checkpoint, targets):
+    seen.extend(targets)
+    return restore(checkpoint, targets)
+
+  monkeypatch.setattr(checkpoint_lib, "restore", recording)
+  return seen
+
+
+def test_one_device_state_is_read_into_its_own_buffers(monkeypatch, saved):
+  table, path = saved
+  seen = _orbax_targets(monkeypatch)
+  live = {"params": {"emb": jnp.zeros((7, 5)), "ids": jnp.zeros(4, jnp.int32)}, "step": 0}
+  info = fws.VocabInfo(["f", "x", "a"], 3, num_oov_buckets=0, old_vocab=list("abcdef"))
+  settings = fws.WarmStartSettings(path, vars_to_warm_start=[".*"], var_name_to_vocab_info={"emb": info})
+  with pytest.raises(fws.WarmStartError, match=r"ckpt: 1 problem\n  - 'emb': 7 rows exceed new_vocab_size \(3\)"):
+    fws.warm_start(live, settings)
+  live["params"]["emb"] = jnp.zeros((3, 5))
+  out = fws.warm_start(live, settings)
+  assert seen == ["step"]  # only the Python int went through Orbax
+  np.testing.assert_array_equal(out["params"]["emb"], table[np.array([5, 0, 0])] * np.array([[1], [0], [1]]))
+  assert out["params"]["emb"].unsafe_buffer_pointer() % 64 == 0
+  np.testing.assert_array_equal(out["params"]["ids"], np.arange(4))
+  assert out["step"] == 3
+
+
+def test_sharded_state_is_read_by_orbax_shard_by_shard(monkeypatch, saved):
+  table, path = saved
+  seen = _orbax_targets(monkeypatch)
+  mesh = jax.make_mesh((8,), ("x",))
+  live = {"params": {"emb": jax.device_put(jnp.zeros((6, 5)), NamedSharding(mesh, P()))}}
+  out = fws.warm_start(live, path)
+  assert seen == ["emb"]
+  np.testing.assert_array_equal(out["params"]["emb"], table)
+  assert out["params"]["emb"].sharding == live["params"]["emb"].sharding
