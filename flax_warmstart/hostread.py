@@ -10,23 +10,36 @@ order) into a 64-byte-aligned buffer that `jax.device_put` adopts without a
 copy, so the state's memory is touched once and the old table never exists
 on its own.
 
-Reads run concurrently on TensorStore's threads with a bound on the bytes in
-flight (each read briefly holds a decoded chunk besides its output).
+A large tensor saved from one device is a single zarr chunk (Orbax writes one
+chunk per shard). TensorStore would decode it whole into a temporary before
+copying it out, holding the tensor twice; such chunks (zstd or uncompressed,
+as Orbax writes them) are instead streamed: read in 16 MiB byte ranges,
+decompressed with `zstandard` straight into the output buffer (or, for a
+remap, into a small scratch block whose kept rows are scattered into place).
+
+Reads run concurrently (TensorStore's threads, and a thread per streamed
+chunk) with a bound on the bytes in flight.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import io
 import math
 import mmap
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import tensorstore as ts
+import zstandard
 
 # Buffers at least this large get their own anonymous memory map.
 _MMAP_BYTES = 1 << 24
+# Single-chunk arrays at least this large are streamed; the byte ranges they are read in.
+_STREAM_BYTES = 1 << 26
+_PIECE_BYTES = 1 << 24
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:
@@ -62,19 +75,27 @@ def aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.nda
 
 @dataclasses.dataclass
 class Read:
-  """One read into a host buffer: `out` holds the data once `future` is done."""
+  """One read into a host buffer: `out` holds the data once `wait` returns.
+
+  Attributes:
+    out: The output buffer (64-byte aligned).
+    nbytes: Its size, for the in-flight bound.
+    launch: Starts the read; returns a future (TensorStore's or a thread's).
+  """
 
   out: np.ndarray
-  source: ts.TensorStore
-  target: ts.TensorStore
   nbytes: int
+  launch: Callable[[], Any]
   future: Any = None
 
   def start(self) -> None:
-    self.future = self.target.write(self.source)
+    self.future = self.launch()
 
   def wait(self) -> None:
     self.future.result()
+
+
+_threads = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="flax_warmstart_read")
 
 
 def _as_dtype(store: ts.TensorStore, dtype: Any) -> ts.TensorStore:
@@ -93,14 +114,18 @@ def whole(store: ts.TensorStore, dtype: Any) -> Read:
     The read, not yet started (see `run`).
   """
   out = aligned_empty(tuple(store.shape), dtype)
-  return Read(out, _as_dtype(store, dtype), ts.array(out), out.nbytes)
+  chunk = _single_chunk(store)
+  if chunk is not None:
+    return Read(out, out.nbytes, lambda: _threads.submit(_stream_whole, chunk, out))
+  source, target = _as_dtype(store, dtype), ts.array(out)
+  return Read(out, out.nbytes, lambda: target.write(source))
 
 
 def rows(store: ts.TensorStore, index: np.ndarray, shape: tuple[int, ...], dtype: Any, axis: int) -> Read:
   """A read of old rows into their new places: `out[..., i, ...] = old[..., index[i], ...]` where `index[i] >= 0`.
 
   Only those rows are copied (rows with index -1 are left uninitialised, for
-  the caller to fill); a chunk that holds kept rows is decoded once.
+  the caller to fill); the old table never exists whole in memory.
 
   Args:
     store: The saved old table.
@@ -111,18 +136,157 @@ def rows(store: ts.TensorStore, index: np.ndarray, shape: tuple[int, ...], dtype
 
   Returns:
     The read, not yet started (see `run`).
+
+  Raises:
+    ValueError: If the old table is smaller than `shape` off `axis`.
   """
   out = aligned_empty(shape, dtype)
-  source = _as_dtype(store, dtype)
   other = [d for d in range(len(shape)) if d != axis]
-  if any(source.shape[d] < shape[d] for d in other):
-    raise ValueError(f"The old table {tuple(source.shape)} is smaller than {shape} off axis {axis}.")
+  if any(store.shape[d] < shape[d] for d in other):
+    raise ValueError(f"The old table {tuple(store.shape)} is smaller than {shape} off axis {axis}.")
+  chunk = _single_chunk(store)
+  if chunk is not None and axis in (0, 1):
+    return Read(out, out.nbytes, lambda: _threads.submit(_stream_rows, chunk, out, index, axis))
+  source = _as_dtype(store, dtype)
   # TensorFlow uses the leading entries of the other axes (a softmax kernel's hidden size).
   source = source[tuple(slice(0, shape[d]) if d != axis else slice(None) for d in range(len(shape)))]
   kept = np.flatnonzero(index >= 0)
   lead = (slice(None),) * axis
   target = ts.array(out).oindex[(*lead, kept)]
-  return Read(out, source.oindex[(*lead, index[kept])], target, out.nbytes)
+  source = source.oindex[(*lead, index[kept])]
+  return Read(out, out.nbytes, lambda: target.write(source))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunk:
+  """The one zarr v2 chunk that holds a whole saved array."""
+
+  kvstore: ts.KvStore
+  key: str
+  zstd: bool
+  dtype: np.dtype
+  shape: tuple[int, ...]
+
+
+def _single_chunk(store: ts.TensorStore) -> _Chunk | None:
+  """The array's single chunk when it can be streamed (large, zarr v2, one C-order chunk, zstd or raw), else None."""
+  try:
+    spec = store.spec()
+    meta = spec.to_json().get("metadata", {})
+  except (ValueError, TypeError):
+    return None
+  shape = tuple(store.shape)
+  dtype = np.dtype(meta.get("dtype", "|V0")) if isinstance(meta.get("dtype"), str) else None
+  compressor = meta.get("compressor")
+  transform = spec.transform
+  if (
+    meta.get("zarr_format") != 2
+    or dtype is None
+    or dtype.byteorder == ">"
+    or dtype.kind not in "biuf"
+    or not shape
+    or math.prod(shape) * dtype.itemsize < _STREAM_BYTES
+    or tuple(meta.get("shape", ())) != shape
+    or tuple(meta.get("chunks", ())) != shape
+    or meta.get("order") != "C"
+    or meta.get("filters")
+    or (compressor is not None and compressor.get("id") != "zstd")
+    or tuple(transform.domain.inclusive_min) != (0,) * len(shape)
+    or [(m.offset, m.stride, m.input_dimension) for m in transform.output] != [(0, 1, d) for d in range(len(shape))]
+  ):
+    return None
+  key = meta.get("dimension_separator", ".").join(["0"] * len(shape))
+  return _Chunk(store.kvstore, key, compressor is not None, dtype, shape)
+
+
+class _PieceReader(io.RawIOBase):
+  """A chunk's stored bytes as a file, read in byte ranges with the next one prefetched."""
+
+  def __init__(self, chunk: _Chunk):
+    self._kvstore, self._key = chunk.kvstore, chunk.key
+    self._offset, self._data, self._pos, self._done = 0, b"", 0, False
+    self._next = self._fetch()
+
+  def _fetch(self) -> Any:
+    return self._kvstore.read(self._key, byte_range=slice(self._offset, self._offset + _PIECE_BYTES))
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, buffer: Any) -> int:
+    if self._pos == len(self._data):
+      if self._done:
+        return 0
+      try:
+        result = self._next.result()
+      except ValueError:  # OUT_OF_RANGE: the last piece is shorter; read to the end.
+        result = self._kvstore.read(self._key, byte_range=slice(self._offset, None)).result()
+      if result.state != "value":
+        raise ValueError(f"The chunk {self._key!r} of {self._kvstore.path!r} is missing.")
+      self._data, self._pos = result.value, 0
+      self._offset += len(self._data)
+      self._done = len(self._data) < _PIECE_BYTES
+      if not self._done:
+        self._next = self._fetch()
+      if not self._data:
+        return 0
+    n = min(len(buffer), len(self._data) - self._pos)
+    memoryview(buffer).cast("B")[:n] = self._data[self._pos : self._pos + n]
+    self._pos += n
+    return n
+
+
+def _decoded(chunk: _Chunk) -> io.RawIOBase:
+  reader = _PieceReader(chunk)
+  return zstandard.ZstdDecompressor().stream_reader(reader, read_size=_PIECE_BYTES) if chunk.zstd else reader
+
+
+def _fill(stream: Any, buffer: memoryview) -> None:
+  """Reads exactly `len(buffer)` bytes into `buffer`."""
+  done = 0
+  while done < len(buffer):
+    n = stream.readinto(buffer[done:])
+    if not n:
+      raise ValueError(f"A saved chunk ended {len(buffer) - done} bytes early.")
+    done += n
+
+
+def _blocks(chunk: _Chunk, rows_limit: int) -> Iterator[tuple[int, np.ndarray]]:
+  """`(first row, block)` along axis 0 of the decoded chunk, a scratch block reused, up to row `rows_limit`."""
+  row_elems = math.prod(chunk.shape[1:])
+  per_block = max(1, _PIECE_BYTES // max(1, row_elems * chunk.dtype.itemsize))
+  scratch = np.empty(per_block * row_elems, chunk.dtype)
+  with _decoded(chunk) as stream:
+    for start in range(0, rows_limit, per_block):
+      n = min(per_block, rows_limit - start)
+      block = scratch[: n * row_elems]
+      _fill(stream, memoryview(block).cast("B"))
+      yield start, block.reshape((n, *chunk.shape[1:]))
+
+
+def _stream_whole(chunk: _Chunk, out: np.ndarray) -> None:
+  if out.dtype == chunk.dtype:  # decompressed straight into the output
+    with _decoded(chunk) as stream:
+      _fill(stream, memoryview(out.reshape(-1)).cast("B"))
+    return
+  for start, block in _blocks(chunk, chunk.shape[0]):
+    out[start : start + len(block)] = block
+
+
+def _stream_rows(chunk: _Chunk, out: np.ndarray, index: np.ndarray, axis: int) -> None:
+  kept = np.flatnonzero(index >= 0)
+  if axis == 1:  # rows of the old table are the leading entries of axis 0 of the new one
+    old_cols = index[kept]
+    for start, block in _blocks(chunk, out.shape[0]):
+      out[start : start + len(block), kept] = block[:, old_cols]
+    return
+  order = np.argsort(index[kept], kind="stable")
+  old, new = index[kept][order], kept[order]
+  cursor = 0
+  for start, block in _blocks(chunk, int(old[-1]) + 1 if old.size else 0):  # up to the last row kept
+    end = int(np.searchsorted(old, start + len(block)))
+    out[new[cursor:end]] = block[old[cursor:end] - start]
+    cursor = end
 
 
 def run(reads: Iterable[Read], max_bytes_in_flight: int) -> None:

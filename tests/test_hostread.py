@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from conftest import save_checkpoint
 from jax.sharding import NamedSharding
@@ -118,3 +119,58 @@ def test_sharded_state_is_read_by_orbax_shard_by_shard(monkeypatch, saved):
   assert seen == ["emb"]
   np.testing.assert_array_equal(out["params"]["emb"], table)
   assert out["params"]["emb"].sharding == live["params"]["emb"].sharding
+
+
+@pytest.fixture
+def stream_all(monkeypatch):
+  """Streams every single-chunk array, however small (the threshold is 64 MiB)."""
+  monkeypatch.setattr(hostread, "_STREAM_BYTES", 0)
+  monkeypatch.setattr(hostread, "_PIECE_BYTES", 40)  # several byte ranges, the last one short
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+def test_streamed_whole_and_rows_equal_tensorstore_reads(tmp_path, stream_all, compressed):
+  table = np.random.default_rng(0).normal(size=(37, 6)).astype(np.float32)
+  path = str(tmp_path / "ckpt")
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=compressed)) as ckptr:
+    ckptr.save(path, args=ocp.args.PyTreeSave({"emb": jnp.asarray(table)}))
+  store = _stores(path, ["emb"])["emb"]
+  chunk = hostread._single_chunk(store)
+  assert chunk is not None and chunk.zstd == compressed
+  assert hostread._single_chunk(store.T) is None and hostread._single_chunk(store[:5]) is None
+  index = np.array([36, -1, 0, 5, 5, -1, 17, 1])
+  reads = {
+    "same": hostread.whole(store, np.float32),
+    "cast": hostread.whole(store, ml_dtypes.bfloat16),
+    "rows": hostread.rows(store, index, (8, 6), np.float32, axis=0),
+    "cols": hostread.rows(store, index[index < 6], (4, 6), np.float32, axis=1),  # old (37, 6) as [hidden, vocab]
+  }
+  hostread.run(reads.values(), max_bytes_in_flight=1 << 20)
+  np.testing.assert_array_equal(reads["same"].out, table)
+  np.testing.assert_array_equal(reads["cast"].out, table.astype(ml_dtypes.bfloat16))
+  kept = index >= 0
+  np.testing.assert_array_equal(reads["rows"].out[kept], table[index[kept]])
+  cols = index[index < 6]
+  np.testing.assert_array_equal(reads["cols"].out[:, cols >= 0], table[:4, cols[cols >= 0]])
+
+
+def test_streamed_warm_start_equals_the_tensorstore_one(tmp_path, monkeypatch):
+  old = np.random.default_rng(1).normal(size=(50, 4)).astype(np.float32)
+  path = save_checkpoint(tmp_path / "ckpt", {"params": {"emb": jnp.asarray(old), "w": jnp.asarray(old[:3])}})
+  info = fws.VocabInfo(
+    [f"t{i}" for i in range(49, -1, -3)] + ["new"],
+    18,
+    num_oov_buckets=1,
+    old_vocab=[f"t{i}" for i in range(50)],
+    backup_initializer=jax.nn.initializers.constant(7.0),
+  )
+  settings = fws.WarmStartSettings(path, var_name_to_vocab_info={"emb": info})
+  live = {"params": {"emb": jnp.zeros((19, 4)), "w": jnp.zeros((3, 4), jnp.bfloat16)}}
+  expected = fws.warm_start(live, settings)
+  monkeypatch.setattr(hostread, "_STREAM_BYTES", 0)
+  monkeypatch.setattr(hostread, "_PIECE_BYTES", 64)
+  out = fws.warm_start(live, settings)
+  for name in ("emb", "w"):
+    np.testing.assert_array_equal(out["params"][name], expected["params"][name])
+  np.testing.assert_array_equal(out["params"]["emb"][0], old[49])
+  np.testing.assert_array_equal(out["params"]["emb"][-2:], np.full((2, 4), 7.0))
