@@ -211,12 +211,77 @@ def _step_dirs(path: epath.Path) -> list[tuple[int, epath.Path]]:
 
 
 def _read(path: epath.Path, requested: str, step: int | None) -> Checkpoint:
-  metadata = ocp.PyTreeCheckpointHandler().metadata(path)
-  tree = getattr(metadata, "item_metadata", metadata)
-  tree = getattr(tree, "tree", tree)
+  fast = _array_metadata_tree(path)
+  if fast is not None:
+    tree, use_zarr3 = fast
+  else:
+    metadata = ocp.PyTreeCheckpointHandler().metadata(path)
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    use_zarr3 = bool(getattr(metadata, "use_zarr3", False))
   variables = {v.name: v for v, _ in flatten_checkpoint_tree(tree)}
-  use_zarr3 = bool(getattr(metadata, "use_zarr3", False))
   return Checkpoint(path=path, requested=requested, step=step, variables=variables, tree=tree, use_zarr3=use_zarr3)
+
+
+def _array_metadata_tree(path: epath.Path) -> tuple[Any, bool] | None:
+  """Orbax's metadata tree, with its arrays' shapes and dtypes read from their zarr metadata in one batch.
+
+  `PyTreeCheckpointHandler.metadata` opens every array's TensorStore, one
+  asyncio task each: 2.2 s for 4,000 arrays on this project's machine, most
+  of a plan's time. Here Orbax builds the same tree from `_METADATA` itself
+  (`InternalTreeMetadata.as_custom_metadata`), and only its `jax.Array`
+  handler is replaced: every array's `.zarray` / `zarr.json` is read
+  concurrently through one key-value store (0.1 s), giving the same
+  `ArrayMetadata` leaves minus the saved sharding, which nothing here uses.
+  Any surprise returns None, and Orbax's own `metadata` is used.
+  """
+  try:
+    from orbax.checkpoint._src.metadata import tree as tree_metadata_lib  # noqa: PLC0415
+    from orbax.checkpoint._src.serialization import type_handler_registry  # noqa: PLC0415
+
+    internal = tree_metadata_lib.InternalTreeMetadata.from_json(json.loads((path / _ITEM_FILE).read_text()))
+    if internal.value_metadata_tree is not None:  # rich types: Orbax's own path
+      return None
+    use_ocdbt = internal.use_ocdbt if internal.use_ocdbt is not None else ocp.type_handlers.is_ocdbt_checkpoint(path)
+    registry = _ZarrArrayRegistry(type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY, path, use_ocdbt)
+    tree = internal.as_custom_metadata(path, registry)
+    return tree, bool(internal.use_zarr3)
+  except Exception:  # noqa: BLE001 (any surprise: Orbax's own, slower path)
+    return None
+
+
+class _ZarrArrayRegistry:
+  """Orbax's type handler registry, but `jax.Array` metadata comes from one batched read of zarr metadata."""
+
+  def __init__(self, base: Any, path: epath.Path, use_ocdbt: bool):
+    self._base, self._path, self._use_ocdbt = base, path, use_ocdbt
+
+  def get(self, typestr: str) -> Any:
+    return self if typestr == "jax.Array" else self._base.get(typestr)
+
+  async def metadata(self, infos: list[Any]) -> list[ocp.metadata.ArrayMetadata]:
+    context = _ts_context(self._use_ocdbt)
+    spec = ocp.type_handlers.get_json_tspec_read(infos[0], use_ocdbt=self._use_ocdbt)
+    kvstore_spec = {k: v for k, v in spec["kvstore"].items() if k != "path"}
+    # TensorStore's own threads do the reads; waiting here without the event
+    # loop avoids one loop iteration per array (0.2 s for 4,000).
+    kvstore = ts.KvStore.open(kvstore_spec, context=context).result()
+    use_zarr3 = bool(infos[0].use_zarr3)
+    suffix = "zarr.json" if use_zarr3 else ".zarray"
+    reads = [kvstore.read(f"{info.name}/{suffix}") for info in infos]
+    out = []
+    for info, read in zip(infos, reads, strict=True):
+      result = read.result()
+      if result.state != "value":
+        raise KeyError(f"{info.name}/{suffix}")
+      zarr = json.loads(result.value)
+      dtype = jax.numpy.dtype(zarr["data_type"] if use_zarr3 else zarr["dtype"])
+      out.append(
+        ocp.metadata.ArrayMetadata(
+          name=info.name, directory=self._path, shape=tuple(zarr["shape"]), sharding=None, dtype=dtype
+        )
+      )
+    return out
 
 
 def open_arrays(checkpoint: Checkpoint, names: Iterable[str]) -> dict[str, ts.TensorStore]:

@@ -15,7 +15,7 @@ from flax_warmstart.assignment import AssignmentMap, build_assignment_plan
 from flax_warmstart.errors import WarmStartError
 from flax_warmstart.execute import check_can_reset, execute
 from flax_warmstart.naming import flatten_state, unwrap_split
-from flax_warmstart.plan import WarmStartPlan, build_plan, combine, with_shardings
+from flax_warmstart.plan import WarmStartPlan, build_plan, combine, gc_paused, with_shardings
 from flax_warmstart.settings import WarmStartSettings
 
 logger = logging.getLogger("flax_warmstart")
@@ -88,6 +88,16 @@ def plan(
     >>> [(leaf.name, leaf.action) for leaf in p.leaves]
     [('b', 'keep'), ('w', 'copy')]
   """
+  with gc_paused():
+    return _plan(state, ckpt_or_settings, settings, overlap)
+
+
+def _plan(
+  state: Any,
+  ckpt_or_settings: CkptOrSettings | Sequence[WarmStartSettings] | None,
+  settings: WarmStartSettings | None,
+  overlap: str,
+) -> WarmStartPlan:
   if isinstance(ckpt_or_settings, list | tuple):
     if settings is not None or not ckpt_or_settings:
       raise WarmStartError("Several sources are given as one non-empty list of WarmStartSettings, and nothing else.")
@@ -314,10 +324,11 @@ def plan_init_from_checkpoint(
     >>> [(row.name, row.action, row.source) for row in p.leaves]
     [('new/w', 'copy', 'old/w')]
   """
-  inner = unwrap_split(state)
-  variables, leaves, _ = flatten_state(inner)
-  checkpoint = checkpoint_lib.load_checkpoint(ckpt_dir_or_file, prefer_names=[v.name for v in variables])
-  result = build_assignment_plan(variables, checkpoint, assignment_map, allow_empty_scopes=allow_empty_scopes)
+  with gc_paused():
+    inner = unwrap_split(state)
+    variables, leaves, _ = flatten_state(inner)
+    checkpoint = checkpoint_lib.load_checkpoint(ckpt_dir_or_file, prefer_names=[v.name for v in variables])
+    result = build_assignment_plan(variables, checkpoint, assignment_map, allow_empty_scopes=allow_empty_scopes)
   return with_shardings(result, leaves)
 
 

@@ -134,3 +134,58 @@ def test_only_manager_steps_have_a_step(tmp_path):
   assert load_checkpoint(root).step == 5
   assert load_checkpoint(f"{root}/5").step == 5
   assert load_checkpoint(f"{root}/5/default").step == 5
+
+
+def _orbax_metadata_tree(path):
+  from etils import epath
+
+  return ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree
+
+
+def test_batched_metadata_equals_orbax_metadata(tmp_path):
+  import jax
+  import ml_dtypes
+  import optax
+  from conftest import make_state
+
+  from flax_warmstart import checkpoint as checkpoint_lib
+
+  state = make_state(tx=optax.chain(optax.clip(1.0), optax.adamw(1e-3)), steps=2)
+  tree = {
+    "state": state,
+    "bf16": jnp.ones((3, 2), ml_dtypes.bfloat16),
+    "host": np.arange(5, dtype=np.int16),
+    "count": 7,
+    "rate": 0.5,
+    "empty": {},
+  }
+  path = save_checkpoint(tmp_path / "ckpt", tree)
+  from etils import epath
+
+  fast, use_zarr3 = checkpoint_lib._array_metadata_tree(epath.Path(path))
+  orbax = _orbax_metadata_tree(path)
+  assert not use_zarr3
+  assert jax.tree.structure(fast) == jax.tree.structure(orbax)
+  for ours, theirs in zip(jax.tree.leaves(fast), jax.tree.leaves(orbax), strict=True):
+    assert type(ours) is type(theirs)
+    assert (ours.name, ours.shape, ours.dtype) == (theirs.name, theirs.shape, theirs.dtype)
+  ckpt = load_checkpoint(path)
+  assert ckpt.variables["bf16"].dtype == ml_dtypes.bfloat16 and ckpt.variables["host"].shape == (5,)
+  restored = fws.warm_start(
+    {"bf16": jnp.zeros((3, 2), ml_dtypes.bfloat16), "count": 0},
+    path,
+    fws.WarmStartSettings(path, vars_to_warm_start=[".*"]),
+  )
+  assert restored["count"] == 7 and float(restored["bf16"].sum()) == 6.0
+
+
+def test_metadata_falls_back_to_orbax_when_an_array_lacks_its_zarr_metadata(tmp_path, monkeypatch):
+  from etils import epath
+
+  from flax_warmstart import checkpoint as checkpoint_lib
+
+  path = save_checkpoint(tmp_path / "ckpt", _tree(2.0))
+  monkeypatch.setattr(checkpoint_lib.ts.KvStore, "read", lambda *a, **k: (_ for _ in ()).throw(OSError("boom")))
+  assert checkpoint_lib._array_metadata_tree(epath.Path(path)) is None
+  monkeypatch.undo()
+  assert load_checkpoint(path).variables["encoder/kernel"].shape == (2, 3)
