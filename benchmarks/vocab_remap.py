@@ -10,12 +10,16 @@ reading the checkpoint files before each run:
 
   orbax      a plain Orbax restore of the old checkpoint (the floor: no remap)
   numpy      restore to numpy, fancy-index into a new table, jax.device_put
-  fws        flax_warmstart.warm_start with a VocabInfo (restore + jitted gather)
+  fws        flax_warmstart.warm_start with a VocabInfo (old rows read straight
+             into the new table's own buffer)
+  fws_abstract  the same from an abstract state (jax.eval_shape): no live
+             state is allocated before the call
   tf         tf.compat.v1.train.warm_start with a VocabInfo (if TF is installed)
 
-Each run starts from a live state that already exists (the new model's fresh
-1.2 GiB embedding and dense layers), as in a training script. Prints per-run
-times and peak RSS, then medians and ratios against `orbax` and `numpy`.
+Each run except fws_abstract starts from a live state that already exists (the
+new model's fresh 1.2 GiB embedding and dense layers), as in a training
+script. Prints per-run times and peak RSS, then medians and ratios against
+`orbax`, `numpy` and `tf`.
 
 Example:
   python benchmarks/vocab_remap.py --runs 5
@@ -90,7 +94,12 @@ def build(workdir: str) -> None:
 
 
 def _peak_rss_gib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+  """This process's peak RSS (VmHWM). Not ru_maxrss: that keeps the parent's RSS at fork across exec."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 2**20  # kB
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def run_one(method: str, workdir: str) -> dict[str, float]:
@@ -130,29 +139,26 @@ def run_one(method: str, workdir: str) -> dict[str, float]:
   import jax.numpy as jnp
   import orbax.checkpoint as ocp
 
-  live = {
-    "params": {
-      "embedder": {"embedding": jnp.zeros((NEW_ROWS, DIM), jnp.float32)},
-      **{k: {"kernel": jnp.zeros(s, jnp.float32) + 1} for k, s in _dense_shapes().items()},
+  def init():
+    return {
+      "params": {
+        "embedder": {"embedding": jnp.zeros((NEW_ROWS, DIM), jnp.float32)},
+        **{k: {"kernel": jnp.zeros(s, jnp.float32) + 1} for k, s in _dense_shapes().items()},
+      }
     }
-  }
-  jax.block_until_ready(live)
+
+  abstract_live = jax.eval_shape(init)
+  live = jax.block_until_ready(init()) if method != "fws_abstract" else abstract_live
   path = os.path.join(workdir, "orbax")
   import flax_warmstart as fws  # imported before timing, like orbax above
 
   start = time.perf_counter()
   if method == "orbax":
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = {
       "params": {
-        "embedder": {
-          "embedding": jax.ShapeDtypeStruct(
-            (OLD_ROWS, DIM), jnp.float32, sharding=live["params"]["embedder"]["embedding"].sharding
-          )
-        },
-        **{
-          k: {"kernel": jax.ShapeDtypeStruct(s, jnp.float32, sharding=live["params"][k]["kernel"].sharding)}
-          for k, s in _dense_shapes().items()
-        },
+        "embedder": {"embedding": jax.ShapeDtypeStruct((OLD_ROWS, DIM), jnp.float32, sharding=device)},
+        **{k: {"kernel": jax.ShapeDtypeStruct(s, jnp.float32, sharding=device)} for k, s in _dense_shapes().items()},
       }
     }
     with ocp.StandardCheckpointer() as ckptr:
@@ -173,7 +179,7 @@ def run_one(method: str, workdir: str) -> dict[str, float]:
         **{k: {"kernel": jax.device_put(host["params"][k]["kernel"])} for k in _dense_shapes()},
       }
     }
-  elif method == "fws":
+  elif method in ("fws", "fws_abstract"):
     info = fws.VocabInfo(
       new_vocab=os.path.join(workdir, "new.txt"),
       new_vocab_size=NEW_ROWS,
@@ -181,7 +187,7 @@ def run_one(method: str, workdir: str) -> dict[str, float]:
       old_vocab=os.path.join(workdir, "old.txt"),
     )
     settings = fws.WarmStartSettings(path, var_name_to_vocab_info={"embedder/embedding": info})
-    out = fws.warm_start(live, settings)
+    out = fws.warm_start(live if method == "fws" else abstract_live, settings)
   else:
     raise ValueError(method)
   jax.block_until_ready(out)
@@ -201,7 +207,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", default="/tmp/fws_bench_w1", help="where checkpoints are built (reused)")
   parser.add_argument("--runs", type=int, default=5, help="runs per method")
-  parser.add_argument("--methods", default="orbax,numpy,fws,tf", help="comma-separated subset")
+  parser.add_argument("--methods", default="orbax,numpy,fws,fws_abstract,tf", help="comma-separated subset")
   parser.add_argument("--pause", type=float, default=3.0, help="seconds between runs")
   parser.add_argument("--one", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -226,17 +232,18 @@ def main() -> None:
       )
       result = json.loads(out.stdout.strip().splitlines()[-1])
       results[method].append(result)
-      print(f"run {run} {method:6s} {result['seconds']:7.2f} s  peak {result['peak_gib']:.2f} GiB", flush=True)
+      print(f"run {run} {method:12s} {result['seconds']:7.2f} s  peak {result['peak_gib']:.2f} GiB", flush=True)
   print(
     f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
   )
   med = {m: statistics.median(r["seconds"] for r in rs) for m, rs in results.items()}
   peak = {m: statistics.median(r["peak_gib"] for r in rs) for m, rs in results.items()}
-  print(f"{'method':8s} {'median s':>9s} {'peak GiB':>9s} {'x orbax':>8s} {'x numpy':>8s}")
+  print(f"{'method':12s} {'median s':>9s} {'peak GiB':>9s} {'x orbax':>8s} {'x numpy':>8s} {'x tf':>8s}")
+  nan = float("nan")
   for m in methods:
     print(
-      f"{m:8s} {med[m]:9.2f} {peak[m]:9.2f} {med[m] / med.get('orbax', float('nan')):8.2f}"
-      f" {med[m] / med.get('numpy', float('nan')):8.2f}"
+      f"{m:12s} {med[m]:9.2f} {peak[m]:9.2f} {med[m] / med.get('orbax', nan):8.2f}"
+      f" {med[m] / med.get('numpy', nan):8.2f} {med[m] / med.get('tf', nan):8.2f}"
     )
 
 
