@@ -60,13 +60,14 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import threading
 import time
+
+from _common import peak_rss_bytes, warm_cache
 
 GIB = 2**30
 TARGET = 1.2
@@ -201,7 +202,7 @@ def build(workdir: str, cfg: dict) -> None:
   del state
   with open(marker, "w") as f:
     json.dump(cfg, f)
-  print(f"built: {nbytes / GIB:.3f} GiB of state, builder peak RSS {_peak_rss() / GIB:.2f} GiB", flush=True)
+  print(f"built: {nbytes / GIB:.3f} GiB of state, builder peak RSS {peak_rss_bytes() / GIB:.2f} GiB", flush=True)
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -210,19 +211,6 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 def _rss() -> int:
   with open("/proc/self/statm") as f:
     return int(f.read().split()[1]) * _PAGE
-
-
-def _peak_rss() -> int:
-  """This process's RSS high-water mark: VmHWM, which `_reset_peak` resets.
-
-  Not ru_maxrss: that is also at least the peak of the parent at the fork
-  (the kernel keeps it across exec), which `clear_refs` does not reset.
-  """
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmHWM:"):
-        return int(line.split()[1]) * 1024
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _reset_peak() -> bool:
@@ -307,7 +295,7 @@ def run_one(method: str, workdir: str, cfg: dict, trace: bool = False) -> dict:
   result: dict = {}
   before = _rss()
   reset = _reset_peak()
-  peak_before = _peak_rss()
+  peak_before = peak_rss_bytes()
   start = time.perf_counter()
   if sampler:
     sampler.mark("call start")
@@ -326,7 +314,7 @@ def run_one(method: str, workdir: str, cfg: dict, trace: bool = False) -> dict:
     raise ValueError(method)
   jax.block_until_ready(out)
   result["seconds"] = time.perf_counter() - start
-  peak = _peak_rss()
+  peak = peak_rss_bytes()
   if sampler:
     sampler.mark("call end")
     sampler.__exit__()
@@ -370,14 +358,6 @@ def _trace_report(sampler: Sampler, before: int, final: int) -> list[str]:
   for t, name, rss in sorted(events):
     lines.append(f"  {t - start:7.3f}  {(rss - before) / GIB:14.3f}  {(rss - before) / final:7.2f}  {name}")
   return lines
-
-
-def _warm_cache(path: str) -> None:
-  for root, _, files in os.walk(path):
-    for name in files:
-      with open(os.path.join(root, name), "rb") as f:
-        while f.read(1 << 24):
-          pass
 
 
 def _child(args: list[str], env: dict[str, str]) -> dict:
@@ -464,7 +444,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {m: [] for m in methods}
     for run in range(1 if args.trace else args.runs):
       for method in methods:  # alternate methods so drift hits all alike
-        _warm_cache(os.path.join(workdir, "orbax"))
+        warm_cache(os.path.join(workdir, "orbax"))
         time.sleep(args.pause)
         r = _child([*common, "--one", method, *(["--trace"] if args.trace else [])], env)
         results[method].append(r)

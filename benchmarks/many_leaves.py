@@ -36,6 +36,8 @@ import subprocess
 import sys
 import time
 
+from _common import peak_rss_gib, warm_cache
+
 LEAVES, ROWS, COLS = 4_000, 64, 1_024
 DENSE_PER_LAYER = 4
 PLAN_TARGET_S = 0.5
@@ -82,12 +84,6 @@ def build(workdir: str, leaves: int, rows: int, cols: int) -> None:
     json.dump(wanted, f)
 
 
-def _peak_rss_gib() -> float:
-  """This process's peak RSS since its exec (VmHWM; ru_maxrss would include the parent's RSS at spawn)."""
-  with open("/proc/self/status") as f:
-    return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20  # KiB
-
-
 def _live_state(leaves: int, rows: int, cols: int) -> dict:
   import jax
   import jax.numpy as jnp
@@ -132,7 +128,7 @@ def run_one(method: str, workdir: str, leaves: int, rows: int, cols: int) -> dic
     layer, dense = leaf_names(leaves)[-1]
     if not np.any(np.asarray(out["params"][layer][dense]["kernel"])):
       raise RuntimeError(f"{method}: {layer}/{dense}/kernel was not restored")
-  result["peak_gib"] = _peak_rss_gib()
+  result["peak_gib"] = peak_rss_gib()
   return result
 
 
@@ -162,14 +158,6 @@ def _child(args: list[str], env: dict[str, str]) -> str:
   if out.returncode:
     sys.exit(f"{' '.join(args)} failed:\n{out.stderr}")
   return out.stdout
-
-
-def _warm_cache(path: str) -> None:
-  for root, _, files in os.walk(path):
-    for name in files:
-      with open(os.path.join(root, name), "rb") as f:
-        while f.read(1 << 24):
-          pass
 
 
 def main() -> None:
@@ -205,7 +193,7 @@ def main() -> None:
   print(f"{args.leaves} leaves of {args.rows} x {args.cols} float32 ({leaf_kib:g} KiB each)", flush=True)
   for run in range(args.runs):
     for method in methods:  # alternate methods so drift hits all alike
-      _warm_cache(os.path.join(args.workdir, "orbax"))
+      warm_cache(os.path.join(args.workdir, "orbax"))
       time.sleep(args.pause)
       result = json.loads(_child([*size_args, "--one", method], env).strip().splitlines()[-1])
       results[method].append(result)
@@ -237,7 +225,7 @@ def main() -> None:
     print(f"per-leaf overhead (fws - orbax) / leaves: {(med['fws'] - orbax) / args.leaves * 1e6:.1f} us")
   if args.profile or med.get("plan", 0.0) >= PLAN_TARGET_S:
     print("\nProfile of one plan() call (fresh process):", flush=True)
-    _warm_cache(os.path.join(args.workdir, "orbax"))
+    warm_cache(os.path.join(args.workdir, "orbax"))
     print(_child([*size_args, "--one", "profile"], env))
 
 

@@ -39,6 +39,8 @@ import subprocess
 import sys
 import time
 
+from _common import peak_rss_gib, warm_cache
+
 SCOPES, SELECTED, ROWS, COLS = 40, 4, 6_554, 1_024
 KERNELS = ("attn_qkv", "attn_out", "mlp_in", "mlp_out")
 TARGET_RATIO = 0.2
@@ -86,12 +88,6 @@ def build(workdir: str, scopes: int, rows: int, cols: int) -> None:
   del tree
   with open(marker, "w") as f:
     json.dump(wanted, f)
-
-
-def _peak_rss_gib() -> float:
-  """This process's peak RSS since its exec (VmHWM; ru_maxrss would include the parent's RSS at spawn)."""
-  with open("/proc/self/status") as f:
-    return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20  # KiB
 
 
 def _io() -> dict[str, int]:
@@ -149,7 +145,7 @@ def run_one(method: str, workdir: str, scopes: int, selected: int, rows: int, co
     "rchar": after["rchar"] - before["rchar"],
     "read_bytes": after["read_bytes"] - before["read_bytes"],
     "selected_bytes": plan_bytes,
-    "peak_gib": _peak_rss_gib(),
+    "peak_gib": peak_rss_gib(),
   }
 
 
@@ -163,13 +159,6 @@ def _child(args: list[str], env: dict[str, str]) -> str:
 
 def _files(path: str) -> list[str]:
   return [os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
-
-
-def _warm_cache(path: str) -> None:
-  for name in _files(path):
-    with open(name, "rb") as f:
-      while f.read(1 << 24):
-        pass
 
 
 def main() -> None:
@@ -206,7 +195,7 @@ def main() -> None:
   )
   for run in range(args.runs):
     for method in methods:  # alternate methods so drift hits all alike
-      _warm_cache(ckpt)
+      warm_cache(ckpt)
       time.sleep(args.pause)
       result = json.loads(_child([*size_args, "--one", method], env).strip().splitlines()[-1])
       results[method].append(result)

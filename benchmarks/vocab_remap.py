@@ -31,11 +31,12 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
+
+from _common import peak_rss_gib, warm_cache
 
 OLD_ROWS, DIM, NEW_ROWS, OVERLAP = 262_144, 1_024, 300_000, 0.8
 DENSE_BYTES = 64 * 2**20
@@ -93,15 +94,6 @@ def build(workdir: str) -> None:
     json.dump({"tf": tf is not None}, f)
 
 
-def _peak_rss_gib() -> float:
-  """This process's peak RSS (VmHWM). Not ru_maxrss: that keeps the parent's RSS at fork across exec."""
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmHWM:"):
-        return int(line.split()[1]) / 2**20  # kB
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def run_one(method: str, workdir: str) -> dict[str, float]:
   """One timed run in this (fresh) process."""
   import numpy as np
@@ -133,7 +125,7 @@ def run_one(method: str, workdir: str) -> dict[str, float]:
         value = sess.run(emb[:2])
         seconds = time.perf_counter() - start
         del value, dense
-    return {"seconds": seconds, "peak_gib": _peak_rss_gib()}
+    return {"seconds": seconds, "peak_gib": peak_rss_gib()}
 
   import jax
   import jax.numpy as jnp
@@ -192,15 +184,7 @@ def run_one(method: str, workdir: str) -> dict[str, float]:
     raise ValueError(method)
   jax.block_until_ready(out)
   seconds = time.perf_counter() - start
-  return {"seconds": seconds, "peak_gib": _peak_rss_gib()}
-
-
-def _warm_cache(workdir: str) -> None:
-  for root, _, files in os.walk(workdir):
-    for name in files:
-      with open(os.path.join(root, name), "rb") as f:
-        while f.read(1 << 24):
-          pass
+  return {"seconds": seconds, "peak_gib": peak_rss_gib()}
 
 
 def main() -> None:
@@ -221,7 +205,7 @@ def main() -> None:
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
   for run in range(args.runs):
     for method in methods:  # alternate methods so drift hits all alike
-      _warm_cache(args.workdir)
+      warm_cache(args.workdir)
       time.sleep(args.pause)
       out = subprocess.run(
         [sys.executable, __file__, "--workdir", args.workdir, "--one", method],

@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
+import jax
 import numpy as np
 
 from flax_warmstart import report
@@ -419,7 +420,7 @@ def describe_sharding(leaf: Any) -> str:
   """
   sharding = getattr(leaf, "sharding", None)
   if sharding is None:
-    return "host"
+    return "default device" if isinstance(leaf, jax.ShapeDtypeStruct) else "host"
   spec = getattr(sharding, "spec", None)
   if spec is not None:
     return str(spec)

@@ -153,3 +153,11 @@ def test_abstract_nnx_split(old):
   model = nnx.merge(graphdef, out)
   np.testing.assert_array_equal(model.encoder.kernel[...], state.params["encoder"]["kernel"])
   np.testing.assert_array_equal(model.head.kernel[...], init()[1]["head"]["kernel"][...])
+
+
+def test_the_plan_of_an_abstract_state_names_its_placement(old):
+  _, path = old
+  abstract = jax.eval_shape(functools.partial(_create, MLP(features=4)))
+  rows = {row.name: row for row in fws.plan(abstract, path).leaves}
+  assert rows["encoder/kernel"].sharding == "default device"
+  assert rows["encoder/kernel"].action == "copy" and rows["head/kernel"].action == "copy"

@@ -1,0 +1,30 @@
+"""Helpers shared by the benchmark scripts (run as `python benchmarks/NAME.py`, so this imports as `_common`)."""
+
+from __future__ import annotations
+
+import os
+
+
+def warm_cache(path: str) -> None:
+  """Reads every file under `path` once, so that each run starts from the page cache."""
+  for root, _, files in os.walk(path):
+    for name in files:
+      with open(os.path.join(root, name), "rb") as f:
+        while f.read(1 << 24):
+          pass
+
+
+def peak_rss_bytes() -> int:
+  """This process's peak RSS since its exec: VmHWM.
+
+  Not `ru_maxrss`: the kernel keeps the parent's peak at the fork in it across
+  exec, so a child started by a script that built a checkpoint would report
+  the builder's peak.
+  """
+  with open("/proc/self/status") as f:
+    return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024  # kB
+
+
+def peak_rss_gib() -> float:
+  """`peak_rss_bytes` in GiB."""
+  return peak_rss_bytes() / 2**30
