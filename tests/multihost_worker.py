@@ -101,15 +101,30 @@ def host_values(abstract, seed: int) -> dict[str, np.ndarray]:
   return out
 
 
-def abstract_state(vocab: int, hidden_name: str):
-  """The TrainState (Adam) of TextModel as shapes and dtypes: nothing is computed."""
+def create_fn(vocab: int, hidden_name: str):
+  """A function of no arguments that initialises TextModel's TrainState (Adam)."""
   model = TextModel(vocab, hidden_name)
 
   def create():
     params = model.init(jax.random.key(0), np.zeros((1, 2), np.int32))["params"]
     return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-2))
 
-  return jax.eval_shape(create)
+  return create
+
+
+def abstract_state(vocab: int, hidden_name: str):
+  """The TrainState (Adam) of TextModel as shapes and dtypes: nothing is computed."""
+  return jax.eval_shape(create_fn(vocab, hidden_name))
+
+
+def placed_abstract_state(vocab: int, hidden_name: str, mesh: Mesh):
+  """The abstract state with each leaf's sharding on `mesh` (as `sharded_state` places it)."""
+
+  def place(path, leaf):
+    sharding = NamedSharding(mesh, spec_for(leaf_name(path), leaf.ndim))
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+  return jax.tree_util.tree_map_with_path(place, abstract_state(vocab, hidden_name))
 
 
 def make_mesh(devices) -> Mesh:
@@ -154,6 +169,27 @@ def settings(ckpt: str) -> fws.WarmStartSettings:
       "head/bias": info(fws.MeanOfOldRows()),
     },
   )
+
+
+def abstract_settings(ckpt: str) -> fws.WarmStartSettings:
+  """For the abstract warm start: everything but the head (init_fn computes it and its slots), the embedding remapped."""
+  return fws.WarmStartSettings(
+    ckpt,
+    vars_to_warm_start=[r"(?!head/).*"],
+    var_name_to_prev_var_name={"backbone/kernel": "encoder/kernel", "backbone/bias": "encoder/bias"},
+    var_name_to_vocab_info={
+      "embedder/embedding": fws.VocabInfo(
+        NEW_VOCAB, len(NEW_VOCAB), NUM_OOV, OLD_VOCAB, backup_initializer=jax.nn.initializers.normal(0.02)
+      )
+    },
+  )
+
+
+def abstract_warm_start(mesh: Mesh, ckpt: str):
+  """A warm start from the abstract new state on `mesh`, with init_fn for the head (never initialised whole)."""
+  abstract = placed_abstract_state(NEW_ROWS, "backbone", mesh)
+  init_fn = create_fn(NEW_ROWS, "backbone")
+  return fws.warm_start(abstract, abstract_settings(ckpt), init_fn=init_fn, rng=jax.random.key(RNG_SEED))
 
 
 def shard_records(tree) -> dict[str, dict]:
@@ -209,9 +245,10 @@ def main(argv=None) -> int:
 
   out = fws.warm_start(new_state(mesh), settings(ckpt), rng=jax.random.key(RNG_SEED))
   records = shard_records(jax.block_until_ready(out))
+  abstract_records = shard_records(jax.block_until_ready(abstract_warm_start(mesh, ckpt)))
   path = os.path.join(args.workdir, f"process_{args.process_id}.pkl")
   with open(path + ".tmp", "wb") as f:
-    pickle.dump({"process_index": jax.process_index(), "leaves": records}, f)
+    pickle.dump({"process_index": jax.process_index(), "leaves": records, "abstract": abstract_records}, f)
   os.replace(path + ".tmp", path)
   print("wrote", path, flush=True)
   jax.distributed.shutdown()

@@ -134,19 +134,42 @@ def results(tmp_path_factory):
   mesh = mw.make_mesh(jax.devices())
   out = fws.warm_start(mw.new_state(mesh), mw.settings(str(workdir / "ckpt")), rng=jax.random.key(mw.RNG_SEED))
   reference = {mw.leaf_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(out)[0]}
-  return records, reference, mesh
+  abstract = mw.abstract_warm_start(mesh, str(workdir / "ckpt"))
+  abstract_reference = {mw.leaf_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  return records, reference, mesh, abstract_reference
 
 
 def test_every_shard_matches_the_single_process_result(results):
-  records, reference, mesh = results
+  records, reference, mesh, _ = results
   assert [r["process_index"] for r in records] == list(range(NUM_PROCESSES))
+  check_shards([r["leaves"] for r in records], reference, mesh)
+
+
+def test_abstract_state_shards_match_the_single_process_result(results):
+  records, _, mesh, reference = results
+  check_shards([r["abstract"] for r in records], reference, mesh)
+  out = {name: np.asarray(leaf) for name, leaf in reference.items()}
+  old = mw.host_values(mw.abstract_state(len(mw.OLD_VOCAB), "encoder"), seed=0)
+  fresh = jax.jit(mw.create_fn(mw.NEW_ROWS, "backbone"))()
+  # The head and its slots are init_fn's; the renamed layer and the kept embedding rows the checkpoint's.
+  np.testing.assert_array_equal(out["params/head/kernel"], fresh.params["head"]["kernel"])
+  np.testing.assert_array_equal(out["opt_state/0/mu/head/bias"], 0)
+  np.testing.assert_array_equal(out["params/backbone/kernel"], old["params/encoder/kernel"])
+  index = old_index()
+  np.testing.assert_array_equal(
+    out["params/embedder/embedding"][index >= 0], old["params/embedder/embedding"][index[index >= 0]]
+  )
+
+
+def check_shards(records: list[dict], reference: dict, mesh) -> None:
+  """Every process's shards of every leaf equal the reference's slices, and together cover it."""
   for name, ref in reference.items():
     full = np.asarray(ref)
     # Which slice each mesh position holds: the same layout must hold it in the workers.
     by_position = ref.sharding.devices_indices_map(ref.shape)
     covered = np.zeros(ref.shape, np.int64)
     for p, record in enumerate(records):
-      leaf = record["leaves"][name]
+      leaf = record[name]
       assert (leaf["shape"], leaf["dtype"], leaf["spec"]) == (ref.shape, str(ref.dtype), str(ref.sharding.spec)), name
       expected = sorted(bounds(by_position[d], ref.shape) for d in mesh.devices[p])
       assert sorted(index for index, _, _ in leaf["shards"]) == expected, (name, p)
@@ -161,7 +184,7 @@ def test_every_shard_matches_the_single_process_result(results):
 
 
 def test_the_warm_start_did_its_work(results):
-  _, reference, _ = results
+  _, reference, _, _ = results
   out = {name: np.asarray(leaf) for name, leaf in reference.items()}
   old = mw.host_values(mw.abstract_state(len(mw.OLD_VOCAB), "encoder"), seed=0)
   fresh = mw.host_values(mw.abstract_state(mw.NEW_ROWS, "backbone"), seed=1)
