@@ -262,7 +262,12 @@ class _ZarrArrayRegistry:
   async def metadata(self, infos: list[Any]) -> list[ocp.metadata.ArrayMetadata]:
     context = _ts_context(self._use_ocdbt)
     spec = ocp.type_handlers.get_json_tspec_read(infos[0], use_ocdbt=self._use_ocdbt)
-    kvstore_spec = {k: v for k, v in spec["kvstore"].items() if k != "path"}
+    # The array's key-value store is the checkpoint's with the array's name appended to its path.
+    kvstore_spec = dict(spec["kvstore"])
+    prefix = kvstore_spec.get("path", "").rstrip("/")
+    if not prefix.endswith(infos[0].name):
+      raise ValueError(f"unexpected array path {prefix!r}")
+    kvstore_spec["path"] = prefix[: -len(infos[0].name)]
     # TensorStore's own threads do the reads; waiting here without the event
     # loop avoids one loop iteration per array (0.2 s for 4,000).
     kvstore = ts.KvStore.open(kvstore_spec, context=context).result()
@@ -289,8 +294,9 @@ def open_arrays(checkpoint: Checkpoint, names: Iterable[str]) -> dict[str, ts.Te
 
   Only in a single process and for arrays that Orbax stored with TensorStore,
   opened with Orbax's own spec and context; the others (in-memory
-  checkpoints, scalars, strings, and every array in a multi-process run,
-  where each process reads its own shards) are left to `restore`.
+  checkpoints, strings and other values not stored as arrays, and every
+  array in a multi-process run, where each process reads its own shards)
+  are left to `restore`.
 
   Args:
     checkpoint: From `load_checkpoint`.
@@ -299,6 +305,18 @@ def open_arrays(checkpoint: Checkpoint, names: Iterable[str]) -> dict[str, ts.Te
   Returns:
     Checkpoint name -> opened TensorStore (metadata read, no data), for the
     names that can be read so.
+
+  Raises:
+    WarmStartError: If an array cannot be opened (naming it and the checkpoint).
+
+  Examples:
+    >>> import tempfile, jax.numpy as jnp, orbax.checkpoint as ocp
+    >>> path = tempfile.mkdtemp() + "/ckpt"
+    >>> with ocp.StandardCheckpointer() as ckptr:
+    ...   ckptr.save(path, {"w": jnp.ones((2, 3)), "step": 7})
+    >>> stores = open_arrays(load_checkpoint(path), ["w", "step"])
+    >>> {name: store.shape for name, store in stores.items()}
+    {'w': (2, 3), 'step': ()}
   """
   if checkpoint.in_memory or jax.process_count() > 1:
     return {}
@@ -317,7 +335,22 @@ def open_arrays(checkpoint: Checkpoint, names: Iterable[str]) -> dict[str, ts.Te
     )
     spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=use_ocdbt)
     opening[name] = ts.open(spec, open=True, context=context)
-  return {name: future.result() for name, future in opening.items()}
+  opened = {}
+  for name, future in opening.items():
+    try:
+      opened[name] = future.result()
+    except Exception as err:
+      raise WarmStartError(
+        f"Reading {name!r} from {checkpoint.describe()} failed: {type(err).__name__}: {err}. {DAMAGED_HINT}"
+      ) from err
+  return opened
+
+
+# What to check when a checkpoint that was planned from cannot be read.
+DAMAGED_HINT = (
+  "The checkpoint's files may be incomplete or damaged; check that the save finished (a CheckpointManager"
+  " step is final once its directory has no .orbax-checkpoint-tmp suffix)."
+)
 
 
 @functools.cache

@@ -205,7 +205,7 @@ def execute_leaves(
     elif row.action == "reset" and row.name == "step":
       new_leaves[i] = _conform(np.zeros(row.shape, row.dtype), live[i])
   if any(row.action == "reset" and row.name != "step" for row in plan.leaves):
-    new_leaves = _reset_optimizer(plan, state, treedef, live, leaves, new_leaves)
+    new_leaves = _reset_optimizer(plan, state, treedef, live, new_leaves)
   _log(plan)
   return new_leaves
 
@@ -233,9 +233,10 @@ def _host_target(row: LeafPlan, live: Any) -> bool:
 
 
 def _host_read(store: Any, row: LeafPlan, live: Any) -> hostread.Read:
+  label = f"{row.source!r} (for {row.name!r}) from {row.checkpoint.describe()}"
   if row.remap is None:
-    return hostread.whole(store, live.dtype)
-  return hostread.rows(store, row.remap.index, row.shape, live.dtype, row.remap.info.axis)
+    return hostread.whole(store, live.dtype, label=label)
+  return hostread.rows(store, row.remap.index, row.shape, live.dtype, row.remap.info.axis, label=label)
 
 
 def _init_leaves(init_fn: Callable[[], Any] | None, indices: list[int], plan: WarmStartPlan, live: list[Any]) -> list:
@@ -277,7 +278,7 @@ def _init_leaves(init_fn: Callable[[], Any] | None, indices: list[int], plan: Wa
 
 
 def _reset_optimizer(
-  plan: WarmStartPlan, state: Any, treedef: Any, live: list[Any], leaves: list[Any], new_leaves: list[Any]
+  plan: WarmStartPlan, state: Any, treedef: Any, live: list[Any], new_leaves: list[Any]
 ) -> list[Any]:
   """The optimizer's fresh init for the reset leaves, from the warm-started params."""
   check_can_reset(state)

@@ -35,6 +35,9 @@ import numpy as np
 import tensorstore as ts
 import zstandard
 
+from flax_warmstart.checkpoint import DAMAGED_HINT
+from flax_warmstart.errors import WarmStartError
+
 # Buffers at least this large get their own anonymous memory map.
 _MMAP_BYTES = 1 << 24
 # Single-chunk arrays at least this large are streamed; the byte ranges they are read in.
@@ -81,18 +84,23 @@ class Read:
     out: The output buffer (64-byte aligned).
     nbytes: Its size, for the in-flight bound.
     launch: Starts the read; returns a future (TensorStore's or a thread's).
+    label: What is read, from where, for an error message.
   """
 
   out: np.ndarray
   nbytes: int
   launch: Callable[[], Any]
+  label: str = "a tensor"
   future: Any = None
 
   def start(self) -> None:
     self.future = self.launch()
 
   def wait(self) -> None:
-    self.future.result()
+    try:
+      self.future.result()
+    except Exception as err:
+      raise WarmStartError(f"Reading {self.label} failed: {type(err).__name__}: {err}. {DAMAGED_HINT}") from err
 
 
 _threads = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="flax_warmstart_read")
@@ -103,25 +111,35 @@ def _as_dtype(store: ts.TensorStore, dtype: Any) -> ts.TensorStore:
   return store if store.dtype.numpy_dtype == dtype else ts.cast(store, ts.dtype(dtype.name))
 
 
-def whole(store: ts.TensorStore, dtype: Any) -> Read:
+def whole(store: ts.TensorStore, dtype: Any, *, label: str = "a tensor") -> Read:
   """A read of a whole saved array, cast to `dtype`, into a new aligned buffer.
 
   Args:
     store: The saved array (from `checkpoint.open_arrays`).
     dtype: The dtype to read it as.
+    label: What is read, from where, for an error message.
 
   Returns:
     The read, not yet started (see `run`).
+
+  Examples:
+    >>> import numpy as np, tensorstore as ts
+    >>> read = whole(ts.array(np.arange(6, dtype=np.float32).reshape(3, 2)), "float32")
+    >>> run([read], max_bytes_in_flight=1 << 20)
+    >>> read.out.tolist()
+    [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
   """
   out = aligned_empty(tuple(store.shape), dtype)
   chunk = _single_chunk(store)
   if chunk is not None:
-    return Read(out, out.nbytes, lambda: _threads.submit(_stream_whole, chunk, out))
+    return Read(out, out.nbytes, lambda: _threads.submit(_stream_whole, chunk, out), label)
   source, target = _as_dtype(store, dtype), ts.array(out)
-  return Read(out, out.nbytes, lambda: target.write(source))
+  return Read(out, out.nbytes, lambda: target.write(source), label)
 
 
-def rows(store: ts.TensorStore, index: np.ndarray, shape: tuple[int, ...], dtype: Any, axis: int) -> Read:
+def rows(
+  store: ts.TensorStore, index: np.ndarray, shape: tuple[int, ...], dtype: Any, axis: int, *, label: str = "a tensor"
+) -> Read:
   """A read of old rows into their new places: `out[..., i, ...] = old[..., index[i], ...]` where `index[i] >= 0`.
 
   Only those rows are copied (rows with index -1 are left uninitialised, for
@@ -133,12 +151,21 @@ def rows(store: ts.TensorStore, index: np.ndarray, shape: tuple[int, ...], dtype
     shape: The new table's shape.
     dtype: Its dtype.
     axis: The vocabulary axis.
+    label: What is read, from where, for an error message.
 
   Returns:
     The read, not yet started (see `run`).
 
   Raises:
     ValueError: If the old table is smaller than `shape` off `axis`.
+
+  Examples:
+    >>> import numpy as np, tensorstore as ts
+    >>> old = ts.array(np.arange(6, dtype=np.float32).reshape(3, 2))
+    >>> read = rows(old, np.array([2, -1, 0]), (3, 2), "float32", axis=0)
+    >>> run([read], max_bytes_in_flight=1 << 20)
+    >>> read.out[[0, 2]].tolist()  # row 1 is new: left for the caller to fill
+    [[4.0, 5.0], [0.0, 1.0]]
   """
   out = aligned_empty(shape, dtype)
   other = [d for d in range(len(shape)) if d != axis]
@@ -146,7 +173,7 @@ def rows(store: ts.TensorStore, index: np.ndarray, shape: tuple[int, ...], dtype
     raise ValueError(f"The old table {tuple(store.shape)} is smaller than {shape} off axis {axis}.")
   chunk = _single_chunk(store)
   if chunk is not None and axis in (0, 1):
-    return Read(out, out.nbytes, lambda: _threads.submit(_stream_rows, chunk, out, index, axis))
+    return Read(out, out.nbytes, lambda: _threads.submit(_stream_rows, chunk, out, index, axis), label)
   source = _as_dtype(store, dtype)
   # TensorFlow uses the leading entries of the other axes (a softmax kernel's hidden size).
   source = source[tuple(slice(0, shape[d]) if d != axis else slice(None) for d in range(len(shape)))]
@@ -154,7 +181,7 @@ def rows(store: ts.TensorStore, index: np.ndarray, shape: tuple[int, ...], dtype
   lead = (slice(None),) * axis
   target = ts.array(out).oindex[(*lead, kept)]
   source = source.oindex[(*lead, index[kept])]
-  return Read(out, out.nbytes, lambda: target.write(source))
+  return Read(out, out.nbytes, lambda: target.write(source), label)
 
 
 @dataclasses.dataclass(frozen=True)

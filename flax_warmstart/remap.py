@@ -339,6 +339,12 @@ def fill_missing(out: np.ndarray, index: np.ndarray, fill: Any, fill_index: np.n
     fill: Rows for the -1 entries, along `axis` (None: zeros).
     fill_index: The row of `fill` for each -1 entry.
     axis: The vocabulary axis.
+
+  Examples:
+    >>> out = np.ones((3, 2), np.float32)
+    >>> fill_missing(out, np.array([0, -1, 1]), None, np.zeros(3, np.int32), axis=0)
+    >>> out.tolist()
+    [[1.0, 1.0], [0.0, 0.0], [1.0, 1.0]]
   """
   missing = np.flatnonzero(index < 0)
   if not missing.size:

@@ -142,7 +142,8 @@ def _orbax_metadata_tree(path):
   return ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree
 
 
-def test_batched_metadata_equals_orbax_metadata(tmp_path):
+@pytest.mark.parametrize("use_ocdbt", [True, False])
+def test_batched_metadata_equals_orbax_metadata(tmp_path, use_ocdbt):
   import jax
   import ml_dtypes
   import optax
@@ -159,7 +160,9 @@ def test_batched_metadata_equals_orbax_metadata(tmp_path):
     "rate": 0.5,
     "empty": {},
   }
-  path = save_checkpoint(tmp_path / "ckpt", tree)
+  path = str(tmp_path / "ckpt")
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt)) as ckptr:
+    ckptr.save(path, args=ocp.args.PyTreeSave(tree))
   from etils import epath
 
   fast, use_zarr3 = checkpoint_lib._array_metadata_tree(epath.Path(path))

@@ -174,3 +174,31 @@ def test_streamed_warm_start_equals_the_tensorstore_one(tmp_path, monkeypatch):
     np.testing.assert_array_equal(out["params"][name], expected["params"][name])
   np.testing.assert_array_equal(out["params"]["emb"][0], old[49])
   np.testing.assert_array_equal(out["params"]["emb"][-2:], np.full((2, 4), 7.0))
+
+
+def test_a_failed_read_names_the_tensor_and_the_checkpoint(tmp_path):
+  import pathlib
+
+  path = save_checkpoint(tmp_path / "ckpt", {"params": {"w": jnp.ones((4, 3))}})
+  live = {"params": {"w": jnp.zeros((4, 3))}}
+  plan = fws.plan(live, path)
+  for data in (pathlib.Path(path) / "d").iterdir():
+    data.write_bytes(b"")  # damaged after the plan was made
+  with pytest.raises(fws.WarmStartError, match=r"Reading 'w' .*from .*ckpt failed: .*save finished"):
+    fws.warm_start(live, plan=plan)
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_a_read_that_fails_midway_names_what_it_read(tmp_path, monkeypatch, streamed):
+  import pathlib
+
+  if streamed:
+    monkeypatch.setattr(hostread, "_STREAM_BYTES", 0)
+  noise = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)  # incompressible: not inline in the index
+  path = save_checkpoint(tmp_path / "ckpt", {"w": jnp.asarray(noise)})
+  store = _stores(path, ["w"])["w"]  # opened: metadata read
+  read = hostread.whole(store, np.float32, label="'w' from the test")
+  for data in pathlib.Path(path).glob("ocdbt.process_*/d/*"):  # the array data (the root d/ holds the index)
+    data.write_bytes(bytes(data.stat().st_size))  # zeros: no longer a zstd frame
+  with pytest.raises(fws.WarmStartError, match=r"Reading 'w' from the test failed: .*save finished"):
+    hostread.run([read], max_bytes_in_flight=1 << 20)
