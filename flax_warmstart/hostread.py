@@ -203,14 +203,16 @@ def _single_chunk(store: ts.TensorStore) -> _Chunk | None:
   except (ValueError, TypeError):
     return None
   shape = tuple(store.shape)
-  dtype = np.dtype(meta.get("dtype", "|V0")) if isinstance(meta.get("dtype"), str) else None
+  try:
+    dtype = np.dtype(meta["dtype"])  # "<f4", or "bfloat16" (registered by ml_dtypes, which jax imports)
+  except (KeyError, TypeError):
+    return None
   compressor = meta.get("compressor")
   transform = spec.transform
   if (
     meta.get("zarr_format") != 2
-    or dtype is None
     or dtype.byteorder == ">"
-    or dtype.kind not in "biuf"
+    or not (dtype.kind in "biuf" or dtype.name.startswith(("bfloat", "float")))  # ml_dtypes' floats are kind V
     or not shape
     or math.prod(shape) * dtype.itemsize < _STREAM_BYTES
     or tuple(meta.get("shape", ())) != shape
@@ -287,14 +289,14 @@ def _blocks(chunk: _Chunk, rows_limit: int) -> Iterator[tuple[int, np.ndarray]]:
     for start in range(0, rows_limit, per_block):
       n = min(per_block, rows_limit - start)
       block = scratch[: n * row_elems]
-      _fill(stream, memoryview(block).cast("B"))
+      _fill(stream, memoryview(block.view(np.uint8)))
       yield start, block.reshape((n, *chunk.shape[1:]))
 
 
 def _stream_whole(chunk: _Chunk, out: np.ndarray) -> None:
   if out.dtype == chunk.dtype:  # decompressed straight into the output
     with _decoded(chunk) as stream:
-      _fill(stream, memoryview(out.reshape(-1)).cast("B"))
+      _fill(stream, memoryview(out.reshape(-1).view(np.uint8)))
     return
   for start, block in _blocks(chunk, chunk.shape[0]):
     out[start : start + len(block)] = block

@@ -202,3 +202,15 @@ def test_a_read_that_fails_midway_names_what_it_read(tmp_path, monkeypatch, stre
     data.write_bytes(bytes(data.stat().st_size))  # zeros: no longer a zstd frame
   with pytest.raises(fws.WarmStartError, match=r"Reading 'w' from the test failed: .*save finished"):
     hostread.run([read], max_bytes_in_flight=1 << 20)
+
+
+def test_bfloat16_chunks_stream_too(tmp_path, stream_all):
+  table = np.random.default_rng(2).normal(size=(21, 5)).astype(ml_dtypes.bfloat16)
+  path = save_checkpoint(tmp_path / "ckpt", {"emb": jnp.asarray(table)})
+  store = _stores(path, ["emb"])["emb"]
+  assert hostread._single_chunk(store) is not None
+  index = np.array([20, -1, 3, 0])
+  reads = [hostread.whole(store, ml_dtypes.bfloat16), hostread.rows(store, index, (4, 5), np.float32, axis=0)]
+  hostread.run(reads, max_bytes_in_flight=1 << 20)
+  np.testing.assert_array_equal(reads[0].out, table)
+  np.testing.assert_array_equal(reads[1].out[index >= 0], table[index[index >= 0]].astype(np.float32))
