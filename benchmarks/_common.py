@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 
 def warm_cache(path: str) -> None:
@@ -28,3 +30,34 @@ def peak_rss_bytes() -> int:
 def peak_rss_gib() -> float:
   """`peak_rss_bytes` in GiB."""
   return peak_rss_bytes() / 2**30
+
+
+MARKER = "built.json"
+
+
+def is_built(workdir: str, wanted: dict) -> bool:
+  """Whether `workdir` holds a finished build of exactly `wanted` (its `built.json`)."""
+  marker = os.path.join(workdir, MARKER)
+  if not os.path.exists(marker):
+    return False
+  with open(marker) as f:
+    return json.load(f) == wanted
+
+
+def start_build(workdir: str, wanted: dict) -> str | None:
+  """The checkpoint path to (re)build for `wanted`, a stale one removed; None when it is already built."""
+  if is_built(workdir, wanted):
+    return None
+  marker, ckpt = os.path.join(workdir, MARKER), os.path.join(workdir, "orbax")
+  if os.path.exists(marker):
+    os.remove(marker)
+  if os.path.exists(ckpt):
+    shutil.rmtree(ckpt)
+  os.makedirs(workdir, exist_ok=True)
+  return ckpt
+
+
+def finish_build(workdir: str, wanted: dict) -> None:
+  """Marks the build of `wanted` as finished (written last, so an interrupted build is redone)."""
+  with open(os.path.join(workdir, MARKER), "w") as f:
+    json.dump(wanted, f)

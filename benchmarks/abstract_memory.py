@@ -60,14 +60,13 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
 import threading
 import time
 
-from _common import peak_rss_bytes, warm_cache
+from _common import finish_build, is_built, peak_rss_bytes, start_build, warm_cache
 
 GIB = 2**30
 TARGET = 1.2
@@ -155,25 +154,11 @@ def make_init_fns(cfg: dict):
   return init_fn_of(0), init_fn_of(cfg["head"])
 
 
-def _built(workdir: str, cfg: dict) -> bool:
-  marker = os.path.join(workdir, "built.json")
-  if not os.path.exists(marker):
-    return False
-  with open(marker) as f:
-    return json.load(f) == cfg
-
-
 def build(workdir: str, cfg: dict) -> None:
   """Writes the old checkpoint once (again if the sizes changed)."""
-  if _built(workdir, cfg):
+  path = start_build(workdir, cfg)
+  if path is None:
     return
-  marker = os.path.join(workdir, "built.json")
-  if os.path.exists(marker):
-    os.remove(marker)
-  path = os.path.join(workdir, "orbax")
-  if os.path.exists(path):
-    shutil.rmtree(path)
-  os.makedirs(workdir, exist_ok=True)
   print(f"building {cfg} in {path} ...", flush=True)
   import jax
   import orbax.checkpoint as ocp
@@ -200,8 +185,7 @@ def build(workdir: str, cfg: dict) -> None:
     ckptr.save(path, state)
   nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
   del state
-  with open(marker, "w") as f:
-    json.dump(cfg, f)
+  finish_build(workdir, cfg)
   print(f"built: {nbytes / GIB:.3f} GiB of state, builder peak RSS {peak_rss_bytes() / GIB:.2f} GiB", flush=True)
 
 
@@ -439,7 +423,7 @@ def main() -> None:
     cfg = sizes(scenario, args.scale)
     workdir = os.path.join(args.workdir, scenario)
     common = ["--workdir", args.workdir, "--scenario", scenario, "--scale", str(args.scale)]
-    if not _built(workdir, cfg):  # in its own process: this one stays small, its peak its own
+    if not is_built(workdir, cfg):  # in its own process: this one stays small, its peak its own
       subprocess.run([sys.executable, __file__, *common, "--one", "build"], check=True, env=env)
     results: dict[str, list[dict]] = {m: [] for m in methods}
     for run in range(1 if args.trace else args.runs):

@@ -30,13 +30,12 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
 import time
 
-from _common import peak_rss_gib, warm_cache
+from _common import finish_build, peak_rss_gib, start_build, warm_cache
 
 LEAVES, ROWS, COLS = 4_000, 64, 1_024
 DENSE_PER_LAYER = 4
@@ -60,17 +59,10 @@ def _tree(n_leaves: int, make) -> dict:
 
 def build(workdir: str, leaves: int, rows: int, cols: int) -> None:
   """Writes the checkpoint once (again if the sizes asked for changed)."""
-  marker = os.path.join(workdir, "built.json")
   wanted = {"leaves": leaves, "rows": rows, "cols": cols, "dtype": "float32"}
-  if os.path.exists(marker):
-    with open(marker) as f:
-      if json.load(f) == wanted:
-        return
-    os.remove(marker)
-  ckpt = os.path.join(workdir, "orbax")
-  if os.path.exists(ckpt):
-    shutil.rmtree(ckpt)
-  os.makedirs(workdir, exist_ok=True)
+  ckpt = start_build(workdir, wanted)
+  if ckpt is None:
+    return
   print(f"building {leaves} leaves of {rows} x {cols} float32 in {ckpt} ...", flush=True)
   import jax
   import numpy as np
@@ -80,8 +72,7 @@ def build(workdir: str, leaves: int, rows: int, cols: int) -> None:
   tree = _tree(leaves, lambda k: jax.device_put(rng.standard_normal((rows, cols), dtype=np.float32)))
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(ckpt, tree)
-  with open(marker, "w") as f:
-    json.dump(wanted, f)
+  finish_build(workdir, wanted)
 
 
 def _live_state(leaves: int, rows: int, cols: int) -> dict:

@@ -33,13 +33,12 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
 import time
 
-from _common import peak_rss_gib, warm_cache
+from _common import finish_build, peak_rss_gib, start_build, warm_cache
 
 SCOPES, SELECTED, ROWS, COLS = 40, 4, 6_554, 1_024
 KERNELS = ("attn_qkv", "attn_out", "mlp_in", "mlp_out")
@@ -63,17 +62,10 @@ def _tree(scopes: int, make) -> dict:
 
 def build(workdir: str, scopes: int, rows: int, cols: int) -> None:
   """Writes the checkpoint once (again if the sizes asked for changed)."""
-  marker = os.path.join(workdir, "built.json")
   wanted = {"scopes": scopes, "kernels": list(KERNELS), "rows": rows, "cols": cols, "dtype": "float32"}
-  if os.path.exists(marker):
-    with open(marker) as f:
-      if json.load(f) == wanted:
-        return
-    os.remove(marker)
-  ckpt = os.path.join(workdir, "orbax")
-  if os.path.exists(ckpt):
-    shutil.rmtree(ckpt)
-  os.makedirs(workdir, exist_ok=True)
+  ckpt = start_build(workdir, wanted)
+  if ckpt is None:
+    return
   gib = scopes * len(KERNELS) * rows * cols * 4 / 2**30
   print(f"building {scopes} scopes x {len(KERNELS)} kernels of {rows} x {cols} float32 ({gib:.2f} GiB) ...", flush=True)
   import jax
@@ -86,8 +78,7 @@ def build(workdir: str, scopes: int, rows: int, cols: int) -> None:
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(ckpt, tree)
   del tree
-  with open(marker, "w") as f:
-    json.dump(wanted, f)
+  finish_build(workdir, wanted)
 
 
 def _io() -> dict[str, int]:
