@@ -256,6 +256,9 @@ def warm_start_or_resume(
   run_dir: str | os.PathLike,
   ckpt_or_settings: CkptOrSettings | None = None,
   settings: WarmStartSettings | None = None,
+  *,
+  rng: jax.Array | None = None,
+  init_fn: Callable[[], State] | None = None,
 ) -> State:
   """Resumes from the run's own checkpoint if it has one, else warm-starts.
 
@@ -267,10 +270,13 @@ def warm_start_or_resume(
   otherwise `warm_start(state, ckpt_or_settings, settings)` runs.
 
   Args:
-    state: The live state, freshly initialised.
+    state: The live state, freshly initialised, or abstract (see `warm_start`).
     run_dir: This run's checkpoint directory (its `CheckpointManager` root).
     ckpt_or_settings: As for `warm_start`: where to warm-start from.
     settings: As for `warm_start`.
+    rng: As for `warm_start`.
+    init_fn: As for `warm_start`: computes the leaves of an abstract state
+      that the warm start does not load (a resume loads every leaf).
 
   Returns:
     The resumed or warm-started state.
@@ -291,7 +297,7 @@ def warm_start_or_resume(
   if has_checkpoint(run_dir):
     logger.info("Resuming from %s, which already holds a checkpoint; not warm-starting.", os.fspath(run_dir))
     return warm_start(state, WarmStartSettings(run_dir, vars_to_warm_start=[".*"]))
-  return warm_start(state, ckpt_or_settings, settings)
+  return warm_start(state, ckpt_or_settings, settings, rng=rng, init_fn=init_fn)
 
 
 def plan_init_from_checkpoint(
@@ -338,6 +344,7 @@ def init_from_checkpoint(
   assignment_map: AssignmentMap,
   *,
   allow_empty_scopes: bool = False,
+  init_fn: Callable[[], State] | None = None,
 ) -> State:
   """Loads variables or whole scopes by an assignment map, TensorFlow's way.
 
@@ -367,6 +374,8 @@ def init_from_checkpoint(
       directory or a checkpoint directory.
     assignment_map: A dict, or a list of `(ckpt_name, new_name)` pairs.
     allow_empty_scopes: Skip scope mappings whose target scope is empty.
+    init_fn: For an abstract state, computes the leaves the map does not
+      load (see `warm_start`).
 
   Returns:
     The new state; `state` is not modified.
@@ -387,4 +396,4 @@ def init_from_checkpoint(
     ([1.0, 1.0], [0.0])
   """
   p = plan_init_from_checkpoint(state, ckpt_dir_or_file, assignment_map, allow_empty_scopes=allow_empty_scopes)
-  return execute(p, state)
+  return execute(p, state, init_fn=init_fn)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import MLP, assert_trees_equal, make_state, save_checkpoint
+from conftest import MLP, assert_trees_equal, make_state, save_checkpoint, save_manager_step
 from flax import nnx
 from flax.training import train_state
 from jax.sharding import NamedSharding
@@ -161,3 +161,23 @@ def test_the_plan_of_an_abstract_state_names_its_placement(old):
   rows = {row.name: row for row in fws.plan(abstract, path).leaves}
   assert rows["encoder/kernel"].sharding == "default device"
   assert rows["encoder/kernel"].action == "copy" and rows["head/kernel"].action == "copy"
+
+
+def test_resume_or_warm_start_and_assignment_maps_take_an_abstract_state(old, tmp_path):
+  state, path = old
+  init = functools.partial(_create, MLP(features=4))
+  abstract = jax.eval_shape(init)
+  run_dir = tmp_path / "run"
+  # No checkpoint in the run yet: a warm start, init_fn for what is not loaded.
+  out = fws.warm_start_or_resume(
+    abstract, run_dir, fws.WarmStartSettings(path, vars_to_warm_start="encoder"), init_fn=init
+  )
+  np.testing.assert_array_equal(out.params["encoder"]["kernel"], state.params["encoder"]["kernel"])
+  np.testing.assert_array_equal(out.params["head"]["kernel"], init().params["head"]["kernel"])
+  # The run has its own checkpoint: every leaf resumed from it, no init_fn needed.
+  save_manager_step(run_dir, 1, state)
+  resumed = fws.warm_start_or_resume(abstract, run_dir, path)
+  assert_trees_equal(resumed.params, state.params)
+  mapped = fws.init_from_checkpoint(abstract, path, {"encoder/": "encoder/"}, init_fn=init)
+  np.testing.assert_array_equal(mapped.params["encoder"]["bias"], state.params["encoder"]["bias"])
+  np.testing.assert_array_equal(mapped.params["head"]["bias"], init().params["head"]["bias"])
