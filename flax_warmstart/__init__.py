@@ -1,4 +1,4 @@
-"""flax_warmstart: warm-start JAX/Flax training state from an Orbax checkpoint.
+"""flax_warmstart: warm-start JAX/Flax training state from an earlier checkpoint.
 
 The JAX counterpart of TensorFlow's `tf.estimator.WarmStartSettings` and
 `tf.compat.v1.train.warm_start`:
@@ -6,34 +6,48 @@ The JAX counterpart of TensorFlow's `tf.estimator.WarmStartSettings` and
 >>> import flax_warmstart as fws
 >>> settings = fws.WarmStartSettings("/runs/old", vars_to_warm_start=".*encoder.*")
 >>> # state = fws.warm_start(state, settings)
+
+This module is the public API; `flax_warmstart.cli`, `flax_warmstart.gin`
+and `flax_warmstart.t5x` are the public integrations. Everything under
+`flax_warmstart._src` is private.
 """
 
-from flax_warmstart.checkpoint import list_variables as list_variables
-from flax_warmstart.errors import WarmStartError as WarmStartError
-from flax_warmstart.execute import execute as execute
-from flax_warmstart.naming import variable_names as variable_names
-from flax_warmstart.plan import LeafPlan as LeafPlan
-from flax_warmstart.plan import WarmStartPlan as WarmStartPlan
-from flax_warmstart.report import PROVENANCE_KEY as PROVENANCE_KEY
-from flax_warmstart.report import load_provenance as load_provenance
-from flax_warmstart.settings import MeanCovarianceOfOldRows as MeanCovarianceOfOldRows
-from flax_warmstart.settings import MeanOfOldRows as MeanOfOldRows
-from flax_warmstart.settings import VocabInfo as VocabInfo
-from flax_warmstart.settings import WarmStartSettings as WarmStartSettings
-from flax_warmstart.warm_start import has_checkpoint as has_checkpoint
-from flax_warmstart.warm_start import init_from_checkpoint as init_from_checkpoint
-from flax_warmstart.warm_start import plan as plan
-from flax_warmstart.warm_start import plan_init_from_checkpoint as plan_init_from_checkpoint
-from flax_warmstart.warm_start import warm_start as warm_start
-from flax_warmstart.warm_start import warm_start_or_resume as warm_start_or_resume
+from flax_warmstart._src.api import has_checkpoint as has_checkpoint
+from flax_warmstart._src.api import init_from_checkpoint as init_from_checkpoint
+from flax_warmstart._src.api import list_variables as list_variables
+from flax_warmstart._src.api import plan as plan
+from flax_warmstart._src.api import plan_init_from_checkpoint as plan_init_from_checkpoint
+from flax_warmstart._src.api import warm_start as warm_start
+from flax_warmstart._src.api import warm_start_or_resume as warm_start_or_resume
+from flax_warmstart._src.errors import WarmStartError as WarmStartError
+from flax_warmstart._src.execute import execute as execute
+from flax_warmstart._src.naming import variable_names as variable_names
+from flax_warmstart._src.planning import Action as Action
+from flax_warmstart._src.planning import LeafPlan as LeafPlan
+from flax_warmstart._src.planning import Reason as Reason
+from flax_warmstart._src.planning import Reset as Reset
+from flax_warmstart._src.planning import WarmStartPlan as WarmStartPlan
+from flax_warmstart._src.provenance import PROVENANCE_KEY as PROVENANCE_KEY
+from flax_warmstart._src.provenance import load_provenance as load_provenance
+from flax_warmstart._src.settings import MeanCovarianceOfOldRows as MeanCovarianceOfOldRows
+from flax_warmstart._src.settings import MeanOfOldRows as MeanOfOldRows
+from flax_warmstart._src.settings import VocabInfo as VocabInfo
+from flax_warmstart._src.settings import WarmStartSettings as WarmStartSettings
+from flax_warmstart._src.transform import Cast as Cast
+from flax_warmstart._src.transform import Take as Take
 
 __version__ = "0.1.0"
 
 __all__ = (
+  "Action",
+  "Cast",
   "LeafPlan",
   "MeanCovarianceOfOldRows",
   "MeanOfOldRows",
   "PROVENANCE_KEY",
+  "Reason",
+  "Reset",
+  "Take",
   "VocabInfo",
   "WarmStartError",
   "WarmStartPlan",

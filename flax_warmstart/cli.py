@@ -25,12 +25,12 @@ import jax
 import numpy as np
 import yaml
 
-from flax_warmstart import checkpoint as checkpoint_lib
-from flax_warmstart.errors import WarmStartError, closest_names
-from flax_warmstart.execute import execute_leaves, progress
-from flax_warmstart.plan import build_plan, with_shardings
-from flax_warmstart.report import human_bytes
-from flax_warmstart.settings import WarmStartSettings
+from flax_warmstart._src.errors import WarmStartError, closest_names
+from flax_warmstart._src.execute import execute_leaves, progress
+from flax_warmstart._src.planning import bind_leaves, build_plan, check_can_reset
+from flax_warmstart._src.report import human_bytes
+from flax_warmstart._src.settings import WarmStartSettings
+from flax_warmstart._src.sources import open_source
 
 EPILOG = """examples:
   flax-warmstart inspect /runs/old --filter 'encoder/.*'
@@ -129,7 +129,7 @@ def load_settings(path: str | None, old: str) -> WarmStartSettings:
 
 
 def _inspect(args: argparse.Namespace) -> dict[str, Any]:
-  ckpt = checkpoint_lib.load_checkpoint(args.ckpt, item=args.item)
+  ckpt = open_source(args.ckpt, item=args.item)
   try:
     regex = re.compile(args.filter) if args.filter else None
   except re.error as err:
@@ -168,8 +168,8 @@ def _print_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> None:
 
 
 def _diff(args: argparse.Namespace) -> dict[str, Any]:
-  old = checkpoint_lib.load_checkpoint(args.old).variables
-  new = checkpoint_lib.load_checkpoint(args.new).variables
+  old = open_source(args.old).variables
+  new = open_source(args.new).variables
   out: dict[str, Any] = {"same": [], "shape": [], "dtype": [], "only_old": [], "only_new": []}
   for name in sorted(set(old) | set(new)):
     if name not in new:
@@ -204,15 +204,12 @@ def _plan(args: argparse.Namespace) -> tuple[Any, Any, Any]:
   """The plan for NEW's structure (abstract leaves) from OLD, and NEW itself."""
   settings = load_settings(args.settings, args.old)
   if settings.optimizer_state == "reset":
-    raise WarmStartError(
-      "optimizer_state='reset' needs the live optimizer (state.tx), which a checkpoint does not hold;"
-      " NEW's optimizer state already is its fresh init, so use optimizer_state='keep'."
-    )
-  new = checkpoint_lib.load_checkpoint(args.new)
-  old = checkpoint_lib.load_checkpoint(args.old, item=settings.ckpt_item, prefer_names=list(new.variables))
+    check_can_reset(None)  # refused before anything is read: a checkpoint holds no optimizer
+  new = open_source(args.new)
+  old = open_source(args.old, item=settings.ckpt_item, prefer_names=list(new.variables))
   variables = list(new.variables.values())
   leaves = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in variables]
-  return with_shardings(build_plan(variables, leaves, old, settings), leaves), new, settings
+  return bind_leaves(build_plan(variables, leaves, old, settings), leaves, abstract_is_init=False), new, settings
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
@@ -223,7 +220,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
   plan, new, _ = _plan(args)
   with progress(not args.no_progress) as step:
     step(f"reading {args.new}")
-    restored = checkpoint_lib.restore(new, dict.fromkeys(new.variables))
+    restored = new.restore(dict.fromkeys(new.variables))
     # The live state is NEW's tree, its leaves host arrays named as in NEW's metadata.
     leaves = [restored[name] for name in new.variables]
     step(f"warm-starting from {args.old} ({human_bytes(plan.nbytes)})")

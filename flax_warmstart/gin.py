@@ -33,7 +33,7 @@ except ImportError as err:  # pragma: no cover - exercised without the extra
 import jax
 
 import flax_warmstart as fws
-from flax_warmstart.errors import WarmStartError
+from flax_warmstart._src.errors import WarmStartError
 
 MODULE = "flax_warmstart"
 
@@ -69,7 +69,16 @@ def _register() -> dict[str, Any]:
   return registered
 
 
-if not gin.config._REGISTRY.get(f"{MODULE}.WarmStartSettings"):  # noqa: SLF001 - idempotent on re-import
+def _registered() -> bool:
+  """Whether the configurables exist already (a re-import, e.g. `importlib.reload`): registering twice fails."""
+  try:
+    gin.get_configurable(f"{MODULE}.WarmStartSettings")
+  except ValueError:
+    return False
+  return True
+
+
+if not _registered():
   _REGISTERED = _register()
 
 

@@ -29,11 +29,11 @@ from typing import Any
 
 import jax
 
-from flax_warmstart import checkpoint as checkpoint_lib
-from flax_warmstart.execute import execute_leaves
-from flax_warmstart.naming import flatten_state
-from flax_warmstart.plan import build_plan
-from flax_warmstart.settings import WarmStartSettings
+from flax_warmstart._src.execute import execute_leaves
+from flax_warmstart._src.naming import flatten_state
+from flax_warmstart._src.planning import build_plan, check_can_reset, resets_optimizer
+from flax_warmstart._src.settings import WarmStartSettings
+from flax_warmstart._src.sources import in_memory_source
 
 StateDict = Mapping[str, Any]
 
@@ -68,11 +68,11 @@ def state_transformation(settings: WarmStartSettings) -> Callable[..., StateDict
   def transform(ckpt_state_dict: StateDict, target_state_dict: StateDict, *, is_resuming: bool = False) -> StateDict:
     if is_resuming:
       return ckpt_state_dict
-    checkpoint = checkpoint_lib.in_memory_checkpoint(
-      ckpt_state_dict, f"T5X checkpoint {settings.ckpt_to_initialize_from}"
-    )
+    checkpoint = in_memory_source(ckpt_state_dict, f"T5X checkpoint {settings.ckpt_to_initialize_from}")
     variables, leaves, treedef = flatten_state(target_state_dict)
     plan = build_plan(variables, leaves, checkpoint, settings)
+    if resets_optimizer(plan):
+      check_can_reset(target_state_dict)
     return jax.tree_util.tree_unflatten(treedef, execute_leaves(plan, leaves))
 
   return transform

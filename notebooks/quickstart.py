@@ -191,7 +191,7 @@ display(plan)
 
 # %%
 warm_state = fws.warm_start(new_state, plan=plan)
-stats = {row.name: row.remap.mapping.stats() for row in plan.leaves if row.action == "remap"}
+stats = {row.name: row.remap.mapping.stats() for row in plan.leaves if row.remap is not None}
 print(stats)
 
 # %% [markdown]

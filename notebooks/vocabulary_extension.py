@@ -240,7 +240,7 @@ plan = fws.plan(fresh.params, settings)
 print(plan)
 warm = fresh.replace(params=fws.warm_start(fresh.params, plan=plan))  # A fresh optimizer state.
 for row in plan.leaves:
-  if row.action == "remap":
+  if row.remap is not None:
     print(f"{row.name:16} {row.remap.mapping.stats()}")
 
 # %% [markdown]

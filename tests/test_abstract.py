@@ -160,7 +160,7 @@ def test_the_plan_of_an_abstract_state_names_its_placement(old):
   abstract = jax.eval_shape(functools.partial(_create, MLP(features=4)))
   rows = {row.name: row for row in fws.plan(abstract, path).leaves}
   assert rows["encoder/kernel"].sharding == "default device"
-  assert rows["encoder/kernel"].action == "copy" and rows["head/kernel"].action == "copy"
+  assert rows["encoder/kernel"].action == "load" and rows["head/kernel"].action == "load"
 
 
 def test_resume_or_warm_start_and_assignment_maps_take_an_abstract_state(old, tmp_path):

@@ -117,9 +117,9 @@ def test_plan_rows_show_copy_with_source_and_keep(cu_ckpt, no_reads):
     "my3",
     "my3b",
   }
-  assert (rows["some_scope/my1"].action, rows["some_scope/my1"].source) == ("copy", "var1")
-  assert (rows["my3"].action, rows["my3"].source) == ("copy", "var3")
-  assert (rows["my3b"].action, rows["my3b"].source) == ("copy", "var3")
+  assert (rows["some_scope/my1"].action, rows["some_scope/my1"].source) == ("load", "var1")
+  assert (rows["my3"].action, rows["my3"].source) == ("load", "var3")
+  assert (rows["my3b"].action, rows["my3b"].source) == ("load", "var3")
   assert rows["my3"].source_shape == (100, 100)
   for name in ("some_scope/some_other_scope/my2", "some_scope/some_other_scope/other_useful_scope/var4"):
     assert rows[name].action == "keep"
@@ -131,7 +131,7 @@ def test_plan_of_a_scope_mapping_names_each_source(cu_ckpt, no_reads):
   state = {"new": {"var4": zeros(9, 9)}, "other": zeros(2)}
   plan = fws.plan_init_from_checkpoint(state, cu_ckpt, {"useful_scope/": "new/"})
   assert [(row.name, row.action, row.source) for row in plan.leaves] == [
-    ("new/var4", "copy", "useful_scope/var4"),
+    ("new/var4", "load", "useful_scope/var4"),
     ("other", "keep", None),
   ]
 
@@ -452,7 +452,7 @@ def test_root_to_root_restores_a_whole_train_state(old_train):
   assert int(out.step) == int(old.step) == 2
   assert out.tx is new.tx and out.apply_fn is new.apply_fn
   plan = fws.plan_init_from_checkpoint(new, path, {"/": "/"})
-  assert all(row.action == "copy" and row.source == row.name for row in plan.leaves)
+  assert all(row.action == "load" and row.source == row.name for row in plan.leaves)
   names = {row.name for row in plan.leaves}
   assert {"step", "encoder/kernel/opt_state/0/mu", "encoder/kernel/opt_state/0/nu"} <= names
 

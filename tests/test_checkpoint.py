@@ -9,7 +9,7 @@ import pytest
 from conftest import save_checkpoint, save_manager_step
 
 import flax_warmstart as fws
-from flax_warmstart.checkpoint import load_checkpoint, locate
+from flax_warmstart._src.sources.orbax import locate, open_orbax
 
 
 def _tree(value):
@@ -24,14 +24,14 @@ def test_checkpoint_directory(tmp_path):
   path = save_checkpoint(tmp_path / "ckpt", _tree(1.0))
   out = fws.warm_start(_live(), path)
   assert np.all(out["params"]["encoder"]["kernel"] == 1.0)
-  assert load_checkpoint(path).step is None
+  assert open_orbax(path).step is None
 
 
 def test_manager_root_uses_latest_step(tmp_path):
   root = tmp_path / "run"
   for step in (1, 20, 3):
     save_manager_step(root, step, _tree(float(step)))
-  ckpt = load_checkpoint(root)
+  ckpt = open_orbax(root)
   assert ckpt.step == 20
   out = fws.warm_start(_live(), root)
   assert np.all(out["params"]["head"]["bias"] == 20.0)
@@ -42,7 +42,7 @@ def test_manager_root_ignores_unfinished_steps(tmp_path):
   save_manager_step(root, 5, _tree(5.0))
   # An interrupted save leaves an Orbax temporary directory behind.
   shutil.copytree(root / "5", root / "9.orbax-checkpoint-tmp-123")
-  assert load_checkpoint(root).step == 5
+  assert open_orbax(root).step == 5
 
 
 def test_a_save_still_in_progress_says_so(tmp_path):
@@ -59,20 +59,20 @@ def test_manager_root_with_step_prefix(tmp_path):
   options = ocp.CheckpointManagerOptions(step_prefix="ckpt")
   with ocp.CheckpointManager(root, options=options) as mgr:
     mgr.save(7, args=ocp.args.StandardSave(_tree(7.0)))
-  assert load_checkpoint(root).step == 7
+  assert open_orbax(root).step == 7
   assert np.all(fws.warm_start(_live(), root)["params"]["head"]["bias"] == 7.0)
 
 
 def test_step_directory(tmp_path):
   root = save_manager_step(tmp_path / "run", 4, _tree(4.0))
-  ckpt = load_checkpoint(f"{root}/4")
+  ckpt = open_orbax(f"{root}/4")
   assert (ckpt.step, ckpt.path.name) == (4, "default")
 
 
 def test_step_directory_with_several_items(tmp_path):
   root = save_manager_step(tmp_path / "run", 2, _tree(2.0), extra={"note": "json item, not a pytree"})
   # The only PyTree item is picked; the JSON item has no tree metadata.
-  assert load_checkpoint(root).path.name == "state"
+  assert open_orbax(root).path.name == "state"
   assert np.all(fws.warm_start(_live(), root)["params"]["head"]["bias"] == 2.0)
 
 
@@ -80,7 +80,7 @@ def test_several_pytree_items_pick_the_one_matching_the_state(tmp_path):
   step_dir = tmp_path / "run" / "3"
   save_checkpoint(step_dir / "ema", {"ema": {"w": jnp.ones(2)}})
   save_checkpoint(step_dir / "model", _tree(3.0))
-  ckpt = load_checkpoint(step_dir, prefer_names=fws.variable_names(_live()))
+  ckpt = open_orbax(step_dir, prefer_names=fws.variable_names(_live()))
   assert ckpt.path.name == "model" and ckpt.step == 3
   # The user can name the item instead.
   settings = fws.WarmStartSettings(step_dir, vars_to_warm_start=["ema/.*"], ckpt_item="ema")
@@ -128,12 +128,12 @@ def test_only_selected_tensors_are_read(tmp_path):
 
 def test_only_manager_steps_have_a_step(tmp_path):
   # pytest's tmp_path ends in _0: a standalone checkpoint inside it, or named like a step, has no step.
-  assert load_checkpoint(save_checkpoint(tmp_path / "ckpt", _tree(1.0))).step is None
-  assert load_checkpoint(save_checkpoint(tmp_path / "ckpt_3", _tree(1.0))).step is None
+  assert open_orbax(save_checkpoint(tmp_path / "ckpt", _tree(1.0))).step is None
+  assert open_orbax(save_checkpoint(tmp_path / "ckpt_3", _tree(1.0))).step is None
   root = save_manager_step(tmp_path / "run", 5, _tree(5.0))
-  assert load_checkpoint(root).step == 5
-  assert load_checkpoint(f"{root}/5").step == 5
-  assert load_checkpoint(f"{root}/5/default").step == 5
+  assert open_orbax(root).step == 5
+  assert open_orbax(f"{root}/5").step == 5
+  assert open_orbax(f"{root}/5/default").step == 5
 
 
 def _orbax_metadata_tree(path):
@@ -149,7 +149,7 @@ def test_batched_metadata_equals_orbax_metadata(tmp_path, use_ocdbt):
   import optax
   from conftest import make_state
 
-  from flax_warmstart import checkpoint as checkpoint_lib
+  from flax_warmstart._src.sources import orbax_metadata
 
   state = make_state(tx=optax.chain(optax.clip(1.0), optax.adamw(1e-3)), steps=2)
   tree = {
@@ -165,14 +165,14 @@ def test_batched_metadata_equals_orbax_metadata(tmp_path, use_ocdbt):
     ckptr.save(path, args=ocp.args.PyTreeSave(tree))
   from etils import epath
 
-  fast, use_zarr3 = checkpoint_lib._array_metadata_tree(epath.Path(path))
+  fast, use_zarr3 = orbax_metadata._fast_metadata_tree(epath.Path(path))
   orbax = _orbax_metadata_tree(path)
   assert not use_zarr3
   assert jax.tree.structure(fast) == jax.tree.structure(orbax)
   for ours, theirs in zip(jax.tree.leaves(fast), jax.tree.leaves(orbax), strict=True):
     assert type(ours) is type(theirs)
     assert (ours.name, ours.shape, ours.dtype) == (theirs.name, theirs.shape, theirs.dtype)
-  ckpt = load_checkpoint(path)
+  ckpt = open_orbax(path)
   assert ckpt.variables["bf16"].dtype == ml_dtypes.bfloat16 and ckpt.variables["host"].shape == (5,)
   restored = fws.warm_start(
     {"bf16": jnp.zeros((3, 2), ml_dtypes.bfloat16), "count": 0},
@@ -182,13 +182,22 @@ def test_batched_metadata_equals_orbax_metadata(tmp_path, use_ocdbt):
   assert restored["count"] == 7 and float(restored["bf16"].sum()) == 6.0
 
 
-def test_metadata_falls_back_to_orbax_when_an_array_lacks_its_zarr_metadata(tmp_path, monkeypatch):
+def test_metadata_falls_back_to_orbax_once_with_a_warning(tmp_path, monkeypatch, caplog):
+  import logging
+
   from etils import epath
 
-  from flax_warmstart import checkpoint as checkpoint_lib
+  from flax_warmstart._src.sources import orbax_metadata
 
   path = save_checkpoint(tmp_path / "ckpt", _tree(2.0))
-  monkeypatch.setattr(checkpoint_lib.ts.KvStore, "read", lambda *a, **k: (_ for _ in ()).throw(OSError("boom")))
-  assert checkpoint_lib._array_metadata_tree(epath.Path(path)) is None
+  monkeypatch.setattr(orbax_metadata, "_warned", False)
+  monkeypatch.setattr(orbax_metadata.ts.KvStore, "read", lambda *a, **k: (_ for _ in ()).throw(OSError("boom")))
+  with caplog.at_level(logging.DEBUG, logger="flax_warmstart"):
+    assert orbax_metadata._fast_metadata_tree(epath.Path(path)) is None
+    # The fallback gives the same names and shapes, through Orbax's public metadata.
+    assert open_orbax(path).variables["encoder/kernel"].shape == (2, 3)
+  warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warnings) == 1, warnings  # logged once, however often the fallback is taken
+  assert "slower public path" in warnings[0].getMessage() and "OSError: boom" in warnings[0].getMessage()
   monkeypatch.undo()
-  assert load_checkpoint(path).variables["encoder/kernel"].shape == (2, 3)
+  assert open_orbax(path).variables["encoder/kernel"].shape == (2, 3)

@@ -261,13 +261,13 @@ def check_rename_leaves(leaves):
   """The plan of RENAME_YAML: backbone/* copied from encoder/*, head/* kept, the rest copied."""
   assert set(leaves) == {*BACKBONE_NAMES, *HEAD_NAMES, "opt_state/0/count", "step"}, sorted(leaves)
   for name in BACKBONE_NAMES:
-    assert leaves[name]["action"] == "copy", leaves[name]
+    assert leaves[name]["action"] == "load", leaves[name]
     assert leaves[name]["source"] == name.replace("backbone", "encoder"), leaves[name]
   for name in HEAD_NAMES:
     assert leaves[name]["action"] == "keep", leaves[name]
     assert leaves[name]["source"] is None, leaves[name]
   for name in ("opt_state/0/count", "step"):
-    assert leaves[name]["action"] == "copy", leaves[name]
+    assert leaves[name]["action"] == "load", leaves[name]
     assert leaves[name]["source"] == name, leaves[name]
 
 
@@ -278,10 +278,10 @@ def test_plan_yaml_settings_table(ckpts):
   assert out.startswith(f"8 of 14 leaves from {ckpts.old}@step 2"), out
   rows = table_rows(out)
   for name in BACKBONE_NAMES:
-    assert rows[name][:2] == ["copy", name.replace("backbone", "encoder")], (name, rows[name])
+    assert rows[name][:2] == ["load", name.replace("backbone", "encoder")], (name, rows[name])
   for name in HEAD_NAMES:
     assert rows[name][0] == "keep", (name, rows[name])
-  assert rows["step"][0] == "copy" and rows["opt_state/0/count"][0] == "copy", out
+  assert rows["step"][0] == "load" and rows["opt_state/0/count"][0] == "load", out
   assert re.search(r"Unused in .*head/kernel", out), out  # OLD's head is read by nothing
 
 
@@ -417,7 +417,7 @@ def test_vocab_plan_json(ckpts):
   result = cli("plan", ckpts.vold, ckpts.vnew, "--settings", ckpts.vocab_json, "--json")
   assert_ok(result)
   (leaf,) = json.loads(result.stdout)["leaves"]
-  assert leaf["name"] == "embedder/embedding" and leaf["action"] == "remap", leaf
+  assert leaf["name"] == "embedder/embedding" and leaf["action"] == "load", leaf
   assert leaf["source_shape"] == [3, 2] and leaf["shape"] == [4, 2], leaf
   assert leaf["vocab"]["copied"] == 3 and leaf["vocab"]["new"] == 1 and leaf["vocab"]["oov"] == 0, leaf
 

@@ -91,4 +91,4 @@ def test_cli_reads_gin_settings(tmp_path):
     timeout=120,
   )
   assert out.returncode == 0, out.stderr
-  assert "backbone/w" in out.stdout and "enc/w" in out.stdout and "copy" in out.stdout
+  assert "backbone/w" in out.stdout and "enc/w" in out.stdout and "load" in out.stdout

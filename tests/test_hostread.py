@@ -11,12 +11,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import flax_warmstart as fws
-from flax_warmstart import checkpoint as checkpoint_lib
-from flax_warmstart import hostread
+from flax_warmstart._src.sources import orbax as checkpoint_lib
+from flax_warmstart._src import hostread
 
 
 def _stores(path, names):
-  ckpt = checkpoint_lib.load_checkpoint(path)
+  ckpt = checkpoint_lib.open_orbax(path)
   return checkpoint_lib.open_arrays(ckpt, names)
 
 

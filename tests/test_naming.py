@@ -7,8 +7,8 @@ from conftest import MLP, make_state, save_checkpoint
 from flax import nnx
 
 import flax_warmstart as fws
-from flax_warmstart import naming
-from flax_warmstart.checkpoint import load_checkpoint
+from flax_warmstart._src import naming
+from flax_warmstart._src.sources.orbax import open_orbax
 
 
 def test_params_tree_names_are_slash_joined_paths():
@@ -51,7 +51,7 @@ def test_checkpoint_names_match_live_names(tmp_path):
   tx = optax.multi_transform({"a": optax.adam(1e-3), "b": optax.sgd(1e-2, momentum=0.9)}, labels)
   state = make_state(MLP(), tx)
   path = save_checkpoint(tmp_path / "ckpt", state)
-  assert sorted(load_checkpoint(path).variables) == sorted(fws.variable_names(state))
+  assert sorted(open_orbax(path).variables) == sorted(fws.variable_names(state))
 
 
 def test_nnx_value_level_is_not_in_names(tmp_path):
@@ -66,7 +66,7 @@ def test_nnx_value_level_is_not_in_names(tmp_path):
   assert kinds["encoder/kernel"] == "param"
   assert kinds["bn/mean"] == "other"
   path = save_checkpoint(tmp_path / "nnx", state)
-  assert sorted(load_checkpoint(path).variables) == sorted(kinds)
+  assert sorted(open_orbax(path).variables) == sorted(kinds)
 
 
 def test_name_clash_is_an_error():

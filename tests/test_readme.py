@@ -364,10 +364,10 @@ def plan_(snippet, tmp):
   with contextlib.redirect_stdout(io.StringIO()) as out:
     ns, _ = run(snippet, tmp, state=live, settings=encoder_rename_settings(tmp))
   table = out.getvalue()
-  assert re.search(r"encoder/out/kernel +copy +encoder/proj/kernel", table), table
+  assert re.search(r"encoder/out/kernel +load +encoder/proj/kernel", table), table
   assert re.search(r"head/kernel +keep", table), table
   actions = {row.name: (row.action, row.source) for row in ns["plan"].leaves}
-  assert actions["encoder/out/kernel"] == ("copy", "encoder/proj/kernel")
+  assert actions["encoder/out/kernel"] == ("load", "encoder/proj/kernel")
   assert actions["head/bias"][0] == "keep"
   assert_same(
     params(ns["state"]), params(old), ["encoder/out/kernel"], sources={"encoder/out/kernel": "encoder/proj/kernel"}
@@ -388,7 +388,7 @@ def provenance(snippet, tmp):
     mgr.close()
   record = ns["record"]
   assert record["leaves"] == json.loads(json.dumps(plan.provenance()))["leaves"]
-  assert record["leaves"]["encoder/out/kernel"] == {"action": "copy", "source": "encoder/proj/kernel", "checkpoint": 0}
+  assert record["leaves"]["encoder/out/kernel"] == {"action": "load", "source": "encoder/proj/kernel", "checkpoint": 0}
   assert record["leaves"]["head/kernel"] == {"action": "keep"}
   assert record["checkpoints"][0]["step"] == 2
   assert_same(

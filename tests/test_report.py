@@ -22,9 +22,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import flax_warmstart as fws
-from flax_warmstart import report
-from flax_warmstart.report import human_bytes
-from flax_warmstart.serialize import initializer_from_spec, settings_from_dict, settings_to_dict
+from flax_warmstart._src import report
+from flax_warmstart._src.report import human_bytes
+from flax_warmstart._src.serialize import initializer_from_spec, settings_from_dict, settings_to_dict
 
 COLUMNS = ("name", "action", "source", "shape", "dtype", "read", "sharding", "reason")
 OLD_VOCAB = ["a", "b", "c"]
@@ -151,7 +151,7 @@ def test_rows_for_every_action_kind(rich, rich_root, rich_old):
 
   # copy, renamed by var_name_to_prev_var_name, from a float32 tensor into a host numpy leaf.
   head = rows["head/kernel"]
-  assert head.action == "copy"
+  assert head.action == "load"
   assert head.source == "old_head/kernel"
   assert head.source_shape == (4, 2) and head.source_dtype == np.dtype("float32")
   assert head.nbytes == 4 * 2 * 4
@@ -162,7 +162,7 @@ def test_rows_for_every_action_kind(rich, rich_root, rich_old):
 
   # copy with a dtype cast, onto a NamedSharding leaf.
   enc = rows["enc/kernel"]
-  assert enc.action == "copy" and enc.source == "enc/kernel"
+  assert enc.action == "load" and enc.source == "enc/kernel"
   assert enc.cast is True
   assert enc.dtype == jnp.bfloat16 and enc.source_dtype == np.dtype("float32")
   assert enc.nbytes == 8 * 4 * 4  # bytes read: the checkpoint's float32
@@ -170,7 +170,7 @@ def test_rows_for_every_action_kind(rich, rich_root, rich_old):
 
   # remap: the vocabulary mapping and its statistics.
   emb = rows["emb"]
-  assert emb.action == "remap" and emb.source == "emb"
+  assert emb.action == "load" and emb.remap is not None and emb.source == "emb"
   assert emb.source_shape == (3, 4) and emb.shape == (5, 4)
   assert emb.remap is not None and emb.remap.follows is None
   stats = emb.remap.mapping.stats()
@@ -301,9 +301,9 @@ def test_long_tables_group_by_scope(scoped_ckpt):
   starts = _column_starts(lines[1])
   heads = [line for line in lines if line.startswith("[")]
   assert heads == [
-    "[a] 10 leaves: 10 copy",
-    "[b] 10 leaves: 10 copy",
-    "[c] 10 leaves: 5 copy, 5 keep",
+    "[a] 10 leaves: 10 load",
+    "[b] 10 leaves: 10 load",
+    "[c] 10 leaves: 5 load, 5 keep",
     "[d] 10 leaves: 10 keep",
     "[e] 10 leaves: 10 keep",
   ]
@@ -327,7 +327,7 @@ def test_forty_rows_do_not_group_and_forty_one_do(scoped_ckpt):
   p41 = fws.plan(_scoped("abcd", extra=["e/w0"]), scoped_ckpt)
   assert len(p41.leaves) == 41
   heads = [line for line in str(p41).splitlines() if line.startswith("[")]
-  assert heads == [f"[{s}] 10 leaves: 10 copy" for s in "abcd"] + ["[e] 1 leaves: 1 copy"]
+  assert heads == [f"[{s}] 10 leaves: 10 load" for s in "abcd"] + ["[e] 1 leaves: 1 load"]
 
 
 def test_root_leaves_group_under_root(scoped_ckpt):
@@ -407,9 +407,9 @@ def test_html_repr_groups_long_tables(scoped_ckpt):
   assert len(body) == len(p.leaves) + 5
   scope_rows = [cells for cls, cells in body if cls == "scope"]
   assert [[(tag, text, attrs.get("colspan")) for tag, text, attrs in cells] for cells in scope_rows] == [
-    [("th", "a: 10 leaves, 10 copy", str(len(COLUMNS)))],
-    [("th", "b: 10 leaves, 10 copy", str(len(COLUMNS)))],
-    [("th", "c: 10 leaves, 5 copy, 5 keep", str(len(COLUMNS)))],
+    [("th", "a: 10 leaves, 10 load", str(len(COLUMNS)))],
+    [("th", "b: 10 leaves, 10 load", str(len(COLUMNS)))],
+    [("th", "c: 10 leaves, 5 load, 5 keep", str(len(COLUMNS)))],
     [("th", "d: 10 leaves, 10 keep", str(len(COLUMNS)))],
     [("th", "e: 10 leaves, 10 keep", str(len(COLUMNS)))],
   ]
@@ -468,8 +468,8 @@ def test_to_dict_and_to_json(rich, rich_root):
     assert leaf["cast"] == row.cast
     assert leaf["sharding"] == row.sharding
     assert leaf["bytes"] == row.nbytes
-    assert leaf["checkpoint"] == (0 if row.action in ("copy", "remap") else None)
-    assert ("vocab" in leaf) == (row.action == "remap")
+    assert leaf["checkpoint"] == (0 if row.action == "load" else None)
+    assert ("vocab" in leaf) == (row.remap is not None)
   enc = next(leaf for leaf in d["leaves"] if leaf["name"] == "enc/kernel")
   assert enc["source_dtype"] == "float32" and enc["dtype"] == "bfloat16" and enc["cast"] is True
   assert enc["source_shape"] == [8, 4]
@@ -505,7 +505,7 @@ def test_to_dict_of_assignment_maps(mlp_root):
   assert d["sources"] == [{"assignment_map": {"encoder/": "backbone/encoder/"}}]
   assert d["checkpoints"][0]["step"] == OLD_STEP
   rows = {leaf["name"]: leaf for leaf in d["leaves"]}
-  assert rows["backbone/encoder/kernel"]["action"] == "copy"
+  assert rows["backbone/encoder/kernel"]["action"] == "load"
   assert rows["backbone/encoder/kernel"]["source"] == "encoder/kernel"
   assert rows["head/w"]["action"] == "keep"
   pairs = [("encoder/kernel", "backbone/encoder/kernel"), ("encoder/bias", "backbone/encoder/bias")]
@@ -542,7 +542,7 @@ def test_plan_reads_no_arrays(no_reads, tmp_path, mlp_root, rich_root):
     "head/bias",
   }
   assert len(plans["sources"].checkpoints) == 2
-  assert plans["vocab"].leaves and any(leaf.action == "remap" for leaf in plans["vocab"].leaves)
+  assert plans["vocab"].leaves and any(leaf.remap is not None for leaf in plans["vocab"].leaves)
   for what, p in plans.items():
     assert p.nbytes > 0, what
     str(p), p._repr_html_(), p.to_json()  # showing a plan reads nothing either
@@ -626,9 +626,9 @@ def test_provenance_round_trip_through_custom_metadata(tmp_path, mlp_root, old_m
   state = fws.warm_start(new, plan=p)
   record = p.provenance()
   _check_record(record, settings, p)
-  assert record["leaves"]["encoder/kernel"] == {"action": "copy", "source": "encoder/kernel", "checkpoint": 0}
+  assert record["leaves"]["encoder/kernel"] == {"action": "load", "source": "encoder/kernel", "checkpoint": 0}
   assert record["leaves"]["opt_state/0/count"] == {"action": "reset"}
-  assert record["leaves"]["step"] == {"action": "copy", "source": "step", "checkpoint": 0}
+  assert record["leaves"]["step"] == {"action": "load", "source": "step", "checkpoint": 0}
 
   run_dir = os.fspath(tmp_path / "run")
   step = int(state.step)
@@ -702,14 +702,14 @@ def test_provenance_of_an_assignment_plan(mlp_root):
   record = p.provenance()
   assert record["settings"] == [{"assignment_map": {"encoder/": "encoder/"}}]
   assert record["leaves"]["extra"] == {"action": "keep"}
-  assert record["leaves"]["encoder/kernel"] == {"action": "copy", "source": "encoder/kernel", "checkpoint": 0}
+  assert record["leaves"]["encoder/kernel"] == {"action": "load", "source": "encoder/kernel", "checkpoint": 0}
   assert json.loads(json.dumps(record)) == record
 
 
 def test_provenance_records_vocab(rich):
   _, _, p = rich
   record = p.provenance()
-  assert record["leaves"]["emb"]["action"] == "remap"
+  assert record["leaves"]["emb"]["action"] == "load"
   assert record["leaves"]["emb"]["vocab"]["copied"] == 2
   assert record["leaves"]["emb"]["vocab"]["new"] == 2
   assert record["leaves"]["emb"]["vocab"]["oov"] == 1

@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import flax_warmstart as fws
-from flax_warmstart import checkpoint as checkpoint_lib
+from flax_warmstart._src.sources import orbax as checkpoint_lib
 
 ADAM = optax.adam(1e-2)
 
@@ -81,7 +81,7 @@ def test_group_reference_loads_renamed_scope_with_its_slots(old, renamed_new):
   old_state, path = old
   settings = fws.WarmStartSettings(path, vars_to_warm_start=[".*"], rename_rules=[(r"backbone/(.*)", r"encoder/\1")])
   by_name = rows(fws.plan(renamed_new, settings))
-  assert by_name["backbone/kernel"].action == "copy"
+  assert by_name["backbone/kernel"].action == "load"
   assert by_name["backbone/kernel"].source == "encoder/kernel"
   assert "rename_rules[0]" in by_name["backbone/kernel"].reason
   assert by_name["backbone/bias/opt_state/0/mu"].source == "encoder/bias/opt_state/0/mu"
@@ -102,7 +102,7 @@ def test_rule_matching_only_the_parameter_renames_its_slots(old, renamed_new):
   )
   by_name = rows(fws.plan(renamed_new, settings))
   slot = by_name["backbone/kernel/opt_state/0/nu"]
-  assert (slot.action, slot.source) == ("copy", "encoder/kernel/opt_state/0/nu")
+  assert (slot.action, slot.source) == ("load", "encoder/kernel/opt_state/0/nu")
   assert "rename_rules[0] of its parameter" in slot.reason
   out = fws.warm_start(renamed_new, settings)
   assert_trees_equal(out.params["backbone"], old_state.params["encoder"])
@@ -196,7 +196,7 @@ def test_var_name_to_prev_var_name_beats_a_matching_rule(old, renamed_new):
     rename_rules=[(r"backbone/.*", None)],
   )
   by_name = rows(fws.plan(renamed_new, settings))
-  assert by_name["backbone/kernel"].action == "copy"
+  assert by_name["backbone/kernel"].action == "load"
   assert by_name["backbone/kernel"].source == "encoder/kernel"
   assert "var_name_to_prev_var_name" in by_name["backbone/kernel"].reason
   assert "rename_rules" not in by_name["backbone/kernel"].reason
@@ -297,11 +297,13 @@ def test_bad_overlap_value(old, other, new):
 
 @pytest.fixture
 def spies(monkeypatch):
-  """Counts `load_checkpoint` calls per location and `restore` calls per checkpoint path."""
-  loads, restores = collections.Counter(), collections.Counter()
-  real_load, real_restore = checkpoint_lib.load_checkpoint, checkpoint_lib.restore
+  """Counts `open_source` calls per location and `restore` calls per checkpoint path."""
+  from flax_warmstart._src import api as api_lib
 
-  def load_checkpoint(location, **kwargs):
+  loads, restores = collections.Counter(), collections.Counter()
+  real_load, real_restore = api_lib.open_source, checkpoint_lib.restore
+
+  def open_source(location, **kwargs):
     loads[os.path.realpath(os.fspath(location))] += 1
     return real_load(location, **kwargs)
 
@@ -309,7 +311,7 @@ def spies(monkeypatch):
     restores[os.path.realpath(os.fspath(checkpoint.path))] += 1
     return real_restore(checkpoint, targets)
 
-  monkeypatch.setattr(checkpoint_lib, "load_checkpoint", load_checkpoint)
+  monkeypatch.setattr(api_lib, "open_source", open_source)
   monkeypatch.setattr(checkpoint_lib, "restore", restore)
   return loads, restores
 
@@ -368,8 +370,8 @@ def test_optimizer_state_load_loads_slots_of_loaded_params_only(old, new):
   old_state, path = old
   settings = fws.WarmStartSettings(path, vars_to_warm_start="encoder", optimizer_state="load")
   by_name = rows(fws.plan(new, settings))
-  assert by_name["encoder/kernel/opt_state/0/mu"].action == "copy"
-  assert by_name["opt_state/0/count"].action == "copy"
+  assert by_name["encoder/kernel/opt_state/0/mu"].action == "load"
+  assert by_name["opt_state/0/count"].action == "load"
   assert by_name["head/kernel/opt_state/0/mu"].action == "keep"
   assert by_name["step"].action == "keep"
   out = fws.warm_start(new, settings)

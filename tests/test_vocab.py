@@ -24,10 +24,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import flax_warmstart as fws
-from flax_warmstart import checkpoint as checkpoint_lib
-from flax_warmstart import remap as remap_lib
-from flax_warmstart import vocab as vocab_lib
-from flax_warmstart.naming import flatten_state
+from flax_warmstart._src.sources import orbax as checkpoint_lib
+from flax_warmstart._src import transform as remap_lib
+from flax_warmstart._src import vocab as vocab_lib
+from flax_warmstart._src.naming import flatten_state
 
 EMBED = "embedder/embedding"
 OLD_VOCAB = ["<pad>", "a", "b", "c", "d", "e"]
@@ -126,10 +126,10 @@ def test_slots_follow_their_rows(trained, opt):
   )
   plan = fws.plan(new, settings)
   rows = {leaf.name: leaf for leaf in plan.leaves}
-  assert rows[EMBED].action == "remap" and rows[EMBED].remap.follows is None
+  assert rows[EMBED].action == "load" and rows[EMBED].remap is not None and rows[EMBED].remap.follows is None
   for slot in slots:
     row = rows[f"{EMBED}/opt_state/0/{slot}"]
-    assert row.action == "remap", row
+    assert row.action == "load" and row.remap is not None, row
     assert row.remap.follows == EMBED
     assert row.remap.index.tolist() == SLOT_INDEX
   assert rows[EMBED].remap.index.tolist() == PARAM_INDEX
@@ -465,7 +465,7 @@ def test_table_sharding_keeps_the_vocabulary_axis_whole(mesh, spec, old_shape, a
   new_shape[axis] = 8
   index = np.array([5, 0, -1, 3, 1, -1, 2, 4], np.int32)
   leaf = jax.device_put(jnp.zeros(new_shape), live)
-  out = remap_lib.remap_rows(old, index, None, np.zeros(8, np.int32), axis=axis, out_sharding=live)
+  out = remap_lib.take_device(old, index, None, np.zeros(8, np.int32), axis=axis, out_sharding=live)
   assert out.sharding == live
   assert [s.data.shape for s in out.addressable_shards] == [s.data.shape for s in leaf.addressable_shards]
   expected = np.take(np.asarray(old), np.maximum(index, 0), axis=axis)

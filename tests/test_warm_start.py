@@ -103,7 +103,7 @@ def test_skip_missing_keeps_and_reports(tmp_path, caplog):
   assert np.all(out["params"]["a"] == 1.0) and np.all(out["params"]["new_head"] == 7.0)
   assert "skip_missing" in caplog.text and "new_head" in caplog.text
   plan = fws.plan(live, fws.WarmStartSettings(path, skip_missing=True))
-  assert [(leaf.name, leaf.action) for leaf in plan.leaves] == [("a", "copy"), ("new_head", "keep")]
+  assert [(leaf.name, leaf.action) for leaf in plan.leaves] == [("a", "load"), ("new_head", "keep")]
 
 
 def test_logging_counts_and_names(old_ckpt, caplog):

@@ -2,35 +2,93 @@
 
 A plan is built from names and metadata only, validated as a whole (every
 problem of the request is reported at once, before any array is read), and
-then executed by `flax_warmstart.warm_start`. `WarmStartSettings` and, later,
-assignment maps are two ways to build the same kind of plan.
+then executed by `flax_warmstart._src.execute`. `WarmStartSettings` and
+assignment maps (`assignment.py`) are two ways to build the same kind of
+plan. A row is data: an `Action`, a `Reason` code, what is reset, the input
+tensor and the chain of transforms; its `reason` text is for people only,
+and no code decides anything from it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import gc
 import json
 import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import numpy as np
 
-from flax_warmstart import report
-from flax_warmstart.checkpoint import Checkpoint
-from flax_warmstart.errors import WarmStartError, did_you_mean
-from flax_warmstart.naming import Variable
-from flax_warmstart.rename import PREV, Renamer
-from flax_warmstart.settings import WarmStartSettings
-from flax_warmstart.vocab import Remap, plan_remap
+from flax_warmstart._src import report
+from flax_warmstart._src.errors import WarmStartError, did_you_mean
+from flax_warmstart._src.naming import Variable
+from flax_warmstart._src.rename import PREV, Renamer
+from flax_warmstart._src.settings import WarmStartSettings
+from flax_warmstart._src.sources import Source
+from flax_warmstart._src.transform import Cast, Take, Transform
+from flax_warmstart._src.vocab import Remap, plan_remap
 
 logger = logging.getLogger("flax_warmstart")
 
-Action = Literal["copy", "remap", "keep", "reset"]
+
+class Action(enum.StrEnum):
+  """What happens to a leaf.
+
+  * `KEEP`: its current value stays.
+  * `LOAD`: read from a checkpoint tensor (`LeafPlan.source`) through the
+    row's chain of transforms.
+  * `INIT`: computed fresh by `init_fn` (a leaf of an abstract state that is
+    not loaded).
+  * `RESET`: set fresh, as `LeafPlan.reset` says: the optimizer's init from
+    the loaded parameters, or step 0.
+
+  A `str` enum: rows compare equal to their value and print as it.
+
+  Examples:
+    >>> Action.LOAD == "load", str(Action.INIT)
+    (True, 'init')
+  """
+
+  KEEP = "keep"
+  LOAD = "load"
+  INIT = "init"
+  RESET = "reset"
+
+
+class Reset(enum.StrEnum):
+  """What a `RESET` row resets: optimizer state (`tx.init(params)`) or the step (0).
+
+  Examples:
+    >>> str(Reset.OPTIMIZER), Reset.STEP == "step"
+    ('optimizer_state', True)
+  """
+
+  OPTIMIZER = "optimizer_state"
+  STEP = "step"
+
+
+class Reason(enum.StrEnum):
+  """Which setting decided a row's action (the code; `LeafPlan.reason` is the text).
+
+  Examples:
+    >>> Reason("missing_skipped") is Reason.MISSING_SKIPPED
+    True
+  """
+
+  SELECTED = "selected"  # vars_to_warm_start (or a policy's "load") selects it
+  ASSIGNED = "assigned"  # an init_from_checkpoint assignment map names it
+  NOT_SELECTED = "not_selected"
+  NOT_ASSIGNED = "not_assigned"
+  RULE_KEEPS = "rule_keeps"  # a rename rule with template None
+  MISSING_SKIPPED = "missing_skipped"  # skip_missing=True and no such tensor
+  FACTORED_SLOT = "factored_slot"  # a factored slot cannot follow a vocabulary remap
+  POLICY_KEEP = "policy_keep"  # optimizer_state='keep' or step='keep' overrides the selection
+  POLICY_RESET = "policy_reset"  # optimizer_state='reset' or step='reset'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,73 +97,112 @@ class LeafPlan:
 
   Attributes:
     name: The leaf's name under the naming contract.
-    action: `"copy"` (from checkpoint tensor `source`), `"remap"` (from
-      `source` through a vocabulary remap), `"keep"` (the current value
-      stays) or `"reset"` (the optimizer's fresh init, or step 0).
-    reason: Which setting decided the action, in words.
-    source: The checkpoint name read, or None for `keep`.
+    action: The `Action`.
+    reason: Which setting decided the action, in words (for people).
+    code: The same as a `Reason` code (for code).
+    source: For `LOAD`, the checkpoint tensor read.
     shape: Shape of the live leaf.
     dtype: Dtype of the live leaf.
     source_shape: Shape of the checkpoint tensor, or None.
-    source_dtype: Dtype of the checkpoint tensor (cast to `dtype` if different).
-    remap: For `remap`, the vocabulary remap (its `VocabInfo`, row mapping and
-      statistics).
-    checkpoint: For `copy` and `remap`, the checkpoint read.
+    source_dtype: Dtype of the checkpoint tensor.
+    transforms: For `LOAD`, the chain from the checkpoint tensor to the leaf:
+      a `Take` (vocabulary gather) and a final `Cast` where the dtypes differ.
+    checkpoint: For `LOAD`, the source read (`flax_warmstart._src.sources.Source`).
+    reset: For `RESET`, what is reset.
+    renamed_by: For `LOAD`, the setting that renamed it (`"rename_rules[0]"`,
+      `"var_name_to_prev_var_name"`), or None.
+    step_leaf: Whether the leaf is the training step (`is_step`).
     sharding: The live leaf's (target) sharding, in words.
 
   Examples:
     >>> import numpy as np
-    >>> row = LeafPlan("dense/kernel", "copy", "selected", source="dense/kernel",
+    >>> row = LeafPlan("dense/kernel", Action.LOAD, "selected", Reason.SELECTED, source="dense/kernel",
     ...                shape=(2, 2), dtype=np.dtype("float32"),
     ...                source_shape=(2, 2), source_dtype=np.dtype("float32"))
-    >>> row.cast, row.nbytes
-    (False, 16)
+    >>> row.action == "load", row.cast, row.nbytes
+    (True, False, 16)
   """
 
   name: str
   action: Action
   reason: str
+  code: Reason = Reason.NOT_SELECTED
   source: str | None = None
   shape: tuple[int, ...] = ()
   dtype: np.dtype | None = None
   source_shape: tuple[int, ...] | None = None
   source_dtype: np.dtype | None = None
-  remap: Remap | None = None
-  checkpoint: Checkpoint | None = None
+  transforms: tuple[Transform, ...] = ()
+  checkpoint: Source | None = None
+  reset: Reset | None = None
+  renamed_by: str | None = None
+  step_leaf: bool = False
   sharding: str = ""
 
   @property
   def cast(self) -> bool:
-    """Whether the checkpoint's dtype differs from the live leaf's."""
-    return self.source_dtype is not None and self.source_dtype != self.dtype
+    """Whether the checkpoint's dtype differs from the live leaf's (the chain ends in a `Cast`)."""
+    return self.source_dtype is not None and self.dtype is not None and self.source_dtype != self.dtype
+
+  @property
+  def take(self) -> Take | None:
+    """The chain's vocabulary gather, if any."""
+    return next((t for t in self.transforms if isinstance(t, Take)), None)
+
+  @property
+  def remap(self) -> Remap | None:
+    """The vocabulary remap of the chain's gather (its `VocabInfo`, mapping, statistics), if any."""
+    take = self.take
+    return None if take is None else take.remap
+
+  @property
+  def inputs(self) -> tuple[str, ...]:
+    """The checkpoint tensors the leaf is computed from (one today)."""
+    return () if self.source is None else (self.source,)
 
   @classmethod
-  def unloaded(cls, v: Variable, action: Action, reason: str) -> LeafPlan:
-    """A `keep` or `reset` row for a live leaf."""
-    return cls(v.name, action, reason, shape=v.shape, dtype=v.dtype)
+  def unloaded(
+    cls, v: Variable, action: Action, reason: str, code: Reason, reset: Reset | None = None
+  ) -> LeafPlan:
+    """A `KEEP` or `RESET` row for a live leaf."""
+    return cls(v.name, action, reason, code, shape=v.shape, dtype=v.dtype, reset=reset, step_leaf=is_step(v))
 
   @classmethod
   def loaded_from(
-    cls, v: Variable, checkpoint: Checkpoint, source: Variable, reason: str, remap: Remap | None = None
+    cls,
+    v: Variable,
+    checkpoint: Source,
+    source: Variable,
+    reason: str,
+    code: Reason,
+    *,
+    remap: Remap | None = None,
+    renamed_by: str | None = None,
   ) -> LeafPlan:
-    """A `copy` (or, with `remap`, a `remap`) row: live leaf `v` from checkpoint tensor `source`."""
+    """A `LOAD` row: live leaf `v` from checkpoint tensor `source`, through a gather (with `remap`) and a cast."""
+    chain: list[Transform] = [] if remap is None else [Take(remap)]
+    if source.dtype != v.dtype:
+      chain.append(Cast(v.dtype))
     return cls(
       v.name,
-      "copy" if remap is None else "remap",
+      Action.LOAD,
       reason,
+      code,
       source=source.name,
       shape=v.shape,
       dtype=v.dtype,
       source_shape=source.shape,
       source_dtype=source.dtype,
-      remap=remap,
+      transforms=tuple(chain),
       checkpoint=checkpoint,
+      renamed_by=renamed_by,
+      step_leaf=is_step(v),
     )
 
   @property
   def nbytes(self) -> int:
-    """Bytes read from the checkpoint for this leaf (0 for `keep`)."""
-    if self.action == "keep" or self.source_shape is None or self.source_dtype is None:
+    """Bytes read from the checkpoint for this leaf (0 unless `LOAD`)."""
+    if self.action is not Action.LOAD or self.source_shape is None or self.source_dtype is None:
       return 0
     return int(np.prod(self.source_shape, dtype=np.int64)) * self.source_dtype.itemsize
 
@@ -115,8 +212,8 @@ class WarmStartPlan:
   """A validated warm start: one `LeafPlan` per leaf, in the state's order.
 
   Attributes:
-    checkpoints: The checkpoints the plan reads from (metadata only), each
-      read once.
+    checkpoints: The sources the plan reads from (metadata only), each read
+      once.
     leaves: One `LeafPlan` per leaf of the live state.
     sources: What the plan was built from: `WarmStartSettings` or an
       assignment map, one per checkpoint source.
@@ -135,19 +232,24 @@ class WarmStartPlan:
     1 of 2 leaves from .../ckpt, 16 B to read; 1 kept at their current value
   """
 
-  checkpoints: tuple[Checkpoint, ...]
+  checkpoints: tuple[Source, ...]
   leaves: tuple[LeafPlan, ...]
   sources: tuple[Any, ...]
 
   @property
   def loaded(self) -> tuple[LeafPlan, ...]:
     """The leaves whose value comes from a checkpoint."""
-    return tuple(leaf for leaf in self.leaves if leaf.action in ("copy", "remap"))
+    return tuple(leaf for leaf in self.leaves if leaf.action is Action.LOAD)
 
   @property
   def reset(self) -> tuple[LeafPlan, ...]:
-    """The leaves set to the optimizer's fresh init (or step 0)."""
-    return tuple(leaf for leaf in self.leaves if leaf.action == "reset")
+    """The leaves set fresh (the optimizer's init, or step 0)."""
+    return tuple(leaf for leaf in self.leaves if leaf.action is Action.RESET)
+
+  @property
+  def initialized(self) -> tuple[LeafPlan, ...]:
+    """The leaves of an abstract state computed by `init_fn`."""
+    return tuple(leaf for leaf in self.leaves if leaf.action is Action.INIT)
 
   @property
   def nbytes(self) -> int:
@@ -157,12 +259,13 @@ class WarmStartPlan:
 
   def summary(self) -> str:
     """One line: how many leaves come from where, and the bytes read."""
-    kept = len(self.leaves) - len(self.loaded) - len(self.reset)
+    kept = sum(leaf.action is Action.KEEP for leaf in self.leaves)
     where = " and ".join(c.describe() for c in self.checkpoints) or "no checkpoint"
+    init = f", {len(self.initialized)} computed by init_fn" if self.initialized else ""
     reset = f", {len(self.reset)} reset" if self.reset else ""
     return (
       f"{len(self.loaded)} of {len(self.leaves)} leaves from {where},"
-      f" {report.human_bytes(self.nbytes)} to read; {kept} kept at their current value{reset}"
+      f" {report.human_bytes(self.nbytes)} to read; {kept} kept at their current value{init}{reset}"
     )
 
   def unused_tensors(self) -> dict[str, list[str]]:
@@ -183,7 +286,9 @@ class WarmStartPlan:
 
     See `flax_warmstart.load_provenance`.
     """
-    return report.provenance(self)
+    from flax_warmstart._src import provenance  # noqa: PLC0415 (provenance imports this module's types)
+
+    return provenance.provenance(self)
 
   def _repr_html_(self) -> str:
     return report.to_html(self)
@@ -192,14 +297,63 @@ class WarmStartPlan:
     return report.table(self)
 
 
-def _matcher(pattern: str, problems: list[str]) -> Callable[[str], bool]:
-  """TensorFlow's matching: `re.match` on `name` or on the tensor name `name:0`."""
+def _leading_exclusions(pattern: str) -> list[str]:
+  """The bodies of the negative lookaheads a pattern starts with: `(?!step$).*` -> `["step$"]`."""
+  out, i = [], 1 if pattern.startswith("^") else 0
+  while pattern.startswith("(?!", i):
+    depth, j, in_class = 0, i, False
+    while j < len(pattern):
+      c = pattern[j]
+      if c == "\\":
+        j += 2
+        continue
+      if in_class:
+        in_class = c != "]"
+      elif c == "[":
+        in_class = True
+      elif c == "(":
+        depth += 1
+      elif c == ")":
+        depth -= 1
+        if depth == 0:
+          break
+      j += 1
+    if depth:
+      break
+    out.append(pattern[i + 3 : j])
+    i = j + 1
+  return out
+
+
+def matcher(pattern: str, problems: list[str]) -> Callable[[str], bool]:
+  """TensorFlow's matching: `re.match` on `name` or on its tensor name `name:0`; exclusions still exclude.
+
+  TensorFlow tests a variable's tensor name (`v2:0`), so a regex such as
+  `v2[^/]` selects `v2` but not `v2/Momentum`; testing `name:0` as well keeps
+  such regexes working. A pattern that starts with a negative lookahead
+  (`(?!step$).*`) excludes what the lookahead names: the alias `step:0` would
+  slip past `step$`, so a name the lookahead rejects is never selected.
+
+  Examples:
+    >>> problems = []
+    >>> [n for n in ["v2", "v2/Momentum", "step"] if matcher("v2[^/]", problems)(n)]
+    ['v2']
+    >>> [n for n in ["w", "step"] if matcher("(?!step$).*", problems)(n)]
+    ['w']
+  """
   try:
     regex = re.compile(pattern)
+    excluded = [re.compile(body) for body in _leading_exclusions(pattern)]
   except re.error as e:
     problems.append(f"vars_to_warm_start regex {pattern!r} is not a valid regex: {e}.")
     return lambda name: False
-  return lambda name: bool(regex.match(name) or regex.match(name + ":0"))
+
+  def match(name: str) -> bool:
+    if any(x.match(name) for x in excluded):
+      return False
+    return bool(regex.match(name) or regex.match(name + ":0"))
+
+  return match
 
 
 def select(
@@ -219,51 +373,91 @@ def select(
     # As in TensorFlow: all parameters are grouped, only vocab ones are loaded.
     return set(settings.var_name_to_vocab_info) & params, params, problems
   if isinstance(spec, str):
-    match = _matcher(spec, problems)
+    match = matcher(spec, problems)
     grouped = {name for name in params if match(name)}
   elif isinstance(spec, tuple):
-    matchers = [_matcher(p, problems) for p in spec]
+    matchers = [matcher(p, problems) for p in spec]
     grouped = {v.name for v in variables if any(m(v.name) for m in matchers)}
   else:
     grouped = {v.name for v, leaf in zip(variables, leaves, strict=True) if spec(v.name, leaf)}
   return set(grouped), grouped, problems
 
 
-def _is_optimizer(v: Variable) -> bool:
+def is_optimizer(v: Variable) -> bool:
   """Optimizer state: leaves under `opt_state` (TrainState, nnx.Optimizer) or T5X's `state/param_states`."""
   path = v.slot or v.name
   return v.kind != "param" and (path.split("/")[0] == "opt_state" or path.startswith("state/param_states"))
 
 
-def _is_step(v: Variable) -> bool:
-  return v.kind == "other" and v.name in ("step", "state/step")
+STEP_NAMES = ("step", "state/step")
+
+
+def is_step(v: Variable) -> bool:
+  """The one rule for which leaf is the training step: `step` (TrainState, NNX) or T5X's `state/step`."""
+  return v.kind == "other" and v.name in STEP_NAMES
 
 
 def apply_policies(
   variables: Sequence[Variable], warm: set[str], settings: WarmStartSettings
-) -> tuple[set[str], dict[str, str]]:
-  """Applies `optimizer_state` and `step`: returns the new warm set and `{name: reason}` of leaves to reset."""
+) -> tuple[set[str], dict[str, Reset], set[str]]:
+  """Applies `optimizer_state` and `step`.
+
+  Returns:
+    `(warm, reset, held)`: the new warm set; name -> what is reset, for the
+    leaves to reset; the selected names that a `"keep"` policy holds back.
+  """
   warm = set(warm)
-  reset: dict[str, str] = {}
+  reset: dict[str, Reset] = {}
+  held: set[str] = set()
   for policy, members, what in (
-    (settings.optimizer_state, [v for v in variables if _is_optimizer(v)], "optimizer_state"),
-    (settings.step, [v for v in variables if _is_step(v)], "step"),
+    (settings.optimizer_state, [v for v in variables if is_optimizer(v)], Reset.OPTIMIZER),
+    (settings.step, [v for v in variables if is_step(v)], Reset.STEP),
   ):
     names = {v.name for v in members}
     if policy == "keep":
+      held |= warm & names
       warm -= names
     elif policy == "reset":
       warm -= names
-      reset.update(dict.fromkeys(names, f"{what}='reset'"))
+      reset.update(dict.fromkeys(names, what))
     elif policy == "load":
       warm |= {v.name for v in members if v.kind != "slot" or v.param in warm}
-  return warm, reset
+  return warm, reset, held
+
+
+def check_can_reset(state: Any) -> None:
+  """The one check that `optimizer_state='reset'` can be carried out for `state`.
+
+  Args:
+    state: The live state (its params and optimizer are needed), or None where
+      no live state exists (the command line plans from checkpoints).
+
+  Raises:
+    WarmStartError: Unless `state` carries its optimizer (`tx`, `params`,
+      `opt_state`, `replace`: a Flax `TrainState`).
+  """
+  if state is None:
+    raise WarmStartError(
+      "optimizer_state='reset' needs the live optimizer (state.tx), which a checkpoint does not hold;"
+      " NEW's optimizer state already is its fresh init, so use optimizer_state='keep'."
+    )
+  if not all(hasattr(state, attr) for attr in ("tx", "params", "opt_state", "replace")):
+    raise WarmStartError(
+      "optimizer_state='reset' needs a state that carries its optimizer (a flax TrainState with .tx,"
+      f" .params and .opt_state); got {type(state).__name__}. A freshly created state already holds"
+      " the optimizer's init: use optimizer_state='keep'."
+    )
+
+
+def resets_optimizer(plan: WarmStartPlan) -> bool:
+  """Whether a plan resets optimizer state (and so needs `check_can_reset`)."""
+  return any(row.reset is Reset.OPTIMIZER for row in plan.leaves)
 
 
 def build_plan(
   variables: Sequence[Variable],
   leaves: Sequence[Any],
-  checkpoint: Checkpoint,
+  checkpoint: Source,
   settings: WarmStartSettings,
 ) -> WarmStartPlan:
   """Decides one action per leaf and validates the whole request.
@@ -271,7 +465,7 @@ def build_plan(
   Args:
     variables: The live state's named leaves (`naming.flatten_state`).
     leaves: The live state's leaves, in the same order.
-    checkpoint: The checkpoint's metadata.
+    checkpoint: The source (its metadata).
     settings: What to warm-start.
 
   Returns:
@@ -283,7 +477,7 @@ def build_plan(
       missing from the checkpoint, shape mismatches, vocabulary problems.
   """
   warm, grouped, problems = select(variables, leaves, settings)
-  warm, reset = apply_policies(variables, warm, settings)
+  warm, reset, held = apply_policies(variables, warm, settings)
   grouped |= warm
   prev = settings.var_name_to_prev_var_name
   vocab = settings.var_name_to_vocab_info
@@ -315,23 +509,28 @@ def build_plan(
   rows = []
   for v in variables:
     if v.name in reset:
-      rows.append(LeafPlan.unloaded(v, "reset", reset[v.name]))
+      what = reset[v.name]
+      rows.append(LeafPlan.unloaded(v, Action.RESET, f"{what}='reset'", Reason.POLICY_RESET, reset=what))
+      continue
+    if v.name in held:
+      policy = "step" if is_step(v) else "optimizer_state"
+      rows.append(LeafPlan.unloaded(v, Action.KEEP, f"{policy}='keep'", Reason.POLICY_KEEP))
       continue
     if v.name not in warm:
-      rows.append(LeafPlan.unloaded(v, "keep", "not selected"))
+      rows.append(LeafPlan.unloaded(v, Action.KEEP, "not selected", Reason.NOT_SELECTED))
       continue
     source, how = renamer.source(v)
     if source is None:
-      rows.append(LeafPlan.unloaded(v, "keep", f"{how} keeps it"))
+      rows.append(LeafPlan.unloaded(v, Action.KEEP, f"{how} keeps it", Reason.RULE_KEEPS))
       continue
     via = f" (renamed from {v.name!r} by {how})" if how else ""
     found = ckpt.get(source)
     if found is None:
       if settings.skip_missing:
         reason = f"missing from checkpoint as {source!r} (skip_missing)"
-        rows.append(LeafPlan.unloaded(v, "keep", reason))
+        rows.append(LeafPlan.unloaded(v, Action.KEEP, reason, Reason.MISSING_SKIPPED))
         continue
-      hint = " or optimizer_state='reset'/'keep' if the optimizer changed," if _is_optimizer(v) else ""
+      hint = " or optimizer_state='reset'/'keep' if the optimizer changed," if is_optimizer(v) else ""
       problems.append(
         f"{v.name!r}: no tensor {source!r}{via} in checkpoint {where}."
         f"{did_you_mean(source, ckpt)} Map it with var_name_to_prev_var_name or rename_rules,"
@@ -350,7 +549,7 @@ def build_plan(
     elif v.kind == "slot" and v.param in vocab:
       if v.shape != shapes.get(v.param):
         reason = f"factored slot of remapped {v.param!r}: cannot follow its rows, kept at its current (init) value"
-        rows.append(LeafPlan.unloaded(v, "keep", reason))
+        rows.append(LeafPlan.unloaded(v, Action.KEEP, reason, Reason.FACTORED_SLOT))
         continue
       remap = remap_for(v.param, source, v.shape, found.shape)
       if remap is None:
@@ -364,7 +563,7 @@ def build_plan(
         " vars_to_warm_start, or give it a VocabInfo if its rows are a vocabulary."
       )
       continue
-    rows.append(LeafPlan.loaded_from(v, checkpoint, found, reason, remap))
+    rows.append(LeafPlan.loaded_from(v, checkpoint, found, reason, Reason.SELECTED, remap=remap, renamed_by=how))
   problems += renamer.unused_rules([v.name for v in variables], warm)
   if problems:
     raise WarmStartError(problems, header=f"Cannot warm-start from {where}")
@@ -393,7 +592,7 @@ def combine(plans: Sequence[WarmStartPlan], overlap: str = "error") -> WarmStart
   problems = []
   rows = []
   for leaf_rows in zip(*(p.leaves for p in plans), strict=True):
-    claims = [(k, row) for k, row in enumerate(leaf_rows) if row.action != "keep"]
+    claims = [(k, row) for k, row in enumerate(leaf_rows) if row.action is not Action.KEEP]
     if len(claims) > 1 and overlap == "error":
       who = " and ".join(f"source #{k} ({_describe_source(plans[k])})" for k, _ in claims)
       problems.append(
@@ -428,12 +627,30 @@ def describe_sharding(leaf: Any) -> str:
   return str(next(iter(devices))) if len(devices) == 1 else f"replicated on {len(devices)} devices"
 
 
-def with_shardings(plan: WarmStartPlan, leaves: Sequence[Any]) -> WarmStartPlan:
-  """The plan with each row's target sharding filled in from the live leaves."""
-  rows = tuple(
-    dataclasses.replace(row, sharding=describe_sharding(leaf)) for row, leaf in zip(plan.leaves, leaves, strict=True)
-  )
-  return dataclasses.replace(plan, leaves=rows)
+def bind_leaves(plan: WarmStartPlan, leaves: Sequence[Any], *, abstract_is_init: bool = True) -> WarmStartPlan:
+  """The plan for these live leaves: each row's target sharding, and `INIT` for abstract leaves not loaded.
+
+  Args:
+    plan: The plan, built for leaves of these names.
+    leaves: The live leaves, in the plan's order.
+    abstract_is_init: Whether an abstract leaf (`jax.ShapeDtypeStruct`) that
+      the plan keeps is computed by `init_fn` (`INIT`). The command line
+      plans over NEW's metadata, whose values it has, and passes False.
+
+  Returns:
+    The plan with `sharding` filled in and, for an abstract state, `KEEP`
+    rows turned into `INIT`.
+  """
+  rows = []
+  for row, leaf in zip(plan.leaves, leaves, strict=True):
+    changes: dict[str, Any] = {"sharding": describe_sharding(leaf)}
+    abstract = isinstance(leaf, jax.ShapeDtypeStruct)
+    if abstract_is_init and row.action is Action.KEEP and abstract:
+      changes["action"] = Action.INIT
+    elif row.action is Action.INIT and not (abstract_is_init and abstract):
+      changes["action"] = Action.KEEP
+    rows.append(dataclasses.replace(row, **changes))
+  return dataclasses.replace(plan, leaves=tuple(rows))
 
 
 def _describe_source(plan: WarmStartPlan) -> str:

@@ -1,13 +1,21 @@
-"""The device side of a vocabulary remap: one jitted, sharded gather.
+"""Transforms on a tensor's way from the checkpoint to a leaf, and the one gather that runs them.
 
-The old table is restored sharded along a non-vocabulary axis (so every device
-holds a slice of every row and gathers locally, never the whole table), then
-`remap_rows` gathers and fills in one jitted function whose output has the
-sharding of the leaf it becomes.
+A plan row that loads a leaf carries a chain of transforms (DESIGN.md,
+"Transforms"), each a small frozen value whose output shape is known in the
+plan: today `Take` (the vocabulary gather: new row `i` is old row
+`index[i]`, rows with index -1 filled) and `Cast` (always last, to the live
+dtype). The gather has two backends with one meaning, tested against each
+other: on the host (`take_host`, into a 64-byte-aligned buffer that
+`jax.device_put` adopts; the read stage also reads only the kept rows of a
+saved table straight into such a buffer, see `hostread.rows`) and on devices
+(`take_device`, one jitted function per axis and sharding: the old table is
+restored sharded along a non-vocabulary axis, so every device holds a slice
+of every row and gathers locally, never the whole table).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -17,10 +25,71 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from flax_warmstart import hostread
-from flax_warmstart.errors import WarmStartError
-from flax_warmstart.settings import NEW_ROW_INITIALIZERS
-from flax_warmstart.vocab import Remap
+from flax_warmstart._src.arrays import aligned_empty, leading
+from flax_warmstart._src.errors import WarmStartError
+from flax_warmstart._src.settings import NEW_ROW_INITIALIZERS
+from flax_warmstart._src.vocab import Remap
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Take:
+  """Rows along `axis` by index (`numpy.take`), from a vocabulary remap: `out[..., i, ...] = in[..., index[i], ...]`.
+
+  Rows whose index is -1 (new tokens, OOV buckets) are filled: from the
+  `VocabInfo`'s backup initializer, donor tokens or explicit vectors for a
+  parameter, zeros for an optimizer slot that follows it. With `axis=1`, only
+  the leading entries of axis 0 are used (TensorFlow's rule for a softmax
+  kernel whose hidden size shrank; see `leading`).
+
+  Attributes:
+    remap: The planned vocabulary remap (its `VocabInfo`, row mapping, and the
+      parameter a slot follows).
+
+  Examples:
+    >>> import flax_warmstart as fws
+    >>> from flax_warmstart._src.vocab import build_mapping, Remap
+    >>> info = fws.VocabInfo(["b", "new", "a"], 3, 0, ["a", "b"])
+    >>> take = Take(Remap(info, build_mapping(new_tokens=["b", "new", "a"], old_tokens=["a", "b"], num_rows=3,
+    ...     new_vocab_size=3, num_oov_buckets=0, where="emb", old_source="old", new_source="new")))
+    >>> take.index.tolist(), take.describe()
+    ([1, -1, 0], 'take(axis=0, 2 copied, 1 new, 0 OOV)')
+  """
+
+  remap: Remap
+
+  @property
+  def axis(self) -> int:
+    return self.remap.info.axis
+
+  @property
+  def index(self) -> np.ndarray:
+    """`int [new rows]`: the old row of each new row, or -1."""
+    return self.remap.index
+
+  def describe(self) -> str:
+    stats = self.remap.mapping.stats()
+    return f"take(axis={self.axis}, {stats['copied']} copied, {stats['new']} new, {stats['oov']} OOV)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Cast:
+  """A cast to the live leaf's dtype: always the chain's last transform.
+
+  Attributes:
+    dtype: The dtype cast to.
+
+  Examples:
+    >>> Cast(np.dtype("bfloat16")).describe()
+    'cast(bfloat16)'
+  """
+
+  dtype: np.dtype
+
+  def describe(self) -> str:
+    return f"cast({self.dtype})"
+
+
+Transform = Take | Cast
 
 
 def table_sharding(
@@ -69,7 +138,7 @@ def table_sharding(
   return NamedSharding(mesh, PartitionSpec(*spec))
 
 
-def _remap(
+def _take(
   table: jax.Array, index: jax.Array, fill: jax.Array | None, fill_index: jax.Array, *, axis: int
 ) -> jax.Array:
   taken = jnp.take(table, jnp.maximum(index, 0), axis=axis, mode="clip")
@@ -85,11 +154,11 @@ def _remap(
 
 @functools.lru_cache(maxsize=64)
 def _jitted(axis: int, out_sharding: jax.sharding.Sharding | None) -> Any:
-  fn = functools.partial(_remap, axis=axis)
+  fn = functools.partial(_take, axis=axis)
   return jax.jit(fn, out_shardings=out_sharding) if out_sharding is not None else jax.jit(fn)
 
 
-def remap_rows(
+def take_device(
   table: jax.Array,
   index: np.ndarray,
   fill: jax.Array | None,
@@ -98,7 +167,7 @@ def remap_rows(
   axis: int,
   out_sharding: jax.sharding.Sharding | None = None,
 ) -> jax.Array:
-  """Gathers old rows into a new table; rows with index -1 come from `fill`.
+  """The gather on devices: old rows into a new table, rows with index -1 from `fill` (one jit per axis and sharding).
 
   Args:
     table: The old table (restored with `table_sharding`).
@@ -114,7 +183,7 @@ def remap_rows(
   Examples:
     >>> import numpy as np, jax.numpy as jnp
     >>> old = jnp.array([[0.5], [1.0], [1.5], [2.0]])
-    >>> remap_rows(old, np.array([3, -1, 0]), None, np.zeros(3, np.int32), axis=0).tolist()
+    >>> take_device(old, np.array([3, -1, 0]), None, np.zeros(3, np.int32), axis=0).tolist()
     [[2.0], [0.0], [0.5]]
   """
   return _jitted(axis, out_sharding)(table, jnp.asarray(index, jnp.int32), fill, jnp.asarray(fill_index, jnp.int32))
@@ -226,11 +295,14 @@ def _explicit(remap: Remap, shape: tuple[int, ...], dtype: Any) -> jax.Array:
   return jnp.asarray(np.stack([vec for _, vec in remap.mapping.explicit], axis=axis), dtype)
 
 
-def apply_remap(remap: Remap, table: Any, fill: jax.Array | None, live: Any, key: jax.Array | None) -> jax.Array:
-  """Remaps a restored old table into the live leaf's shape and sharding.
+def apply_take(take: Take, table: Any, fill: jax.Array | None, live: Any, key: jax.Array | None) -> jax.Array:
+  """Runs a `Take` on a restored old table, into the live leaf's shape, dtype and sharding.
+
+  On the host backend where the leaf lives in host memory or on one CPU device
+  (`host_gather_ok`), else on devices, jitted with the leaf's sharding.
 
   Args:
-    remap: The planned remap.
+    take: The planned gather.
     table: The old table, restored (ideally with `table_sharding`).
     fill: From `initial_fill`.
     live: The live leaf (its shape, dtype and sharding are the result's).
@@ -239,20 +311,17 @@ def apply_remap(remap: Remap, table: Any, fill: jax.Array | None, live: Any, key
   Returns:
     The new value of the leaf.
   """
-  mapping, info = remap.mapping, remap.info
-  axis = info.axis
+  remap = take.remap
+  mapping, info, axis = remap.mapping, remap.info, take.axis
   shape, dtype = tuple(live.shape), live.dtype
   sharding = live.sharding if isinstance(live, jax.Array | jax.ShapeDtypeStruct) else None
   fill_index = fill_index_of(remap)
   if host_gather_ok(remap, live):
-    table = np.asarray(table)
-    if axis == 1 and table.shape[0] != shape[0]:
-      table = table[: shape[0]]  # TensorFlow uses the leading rows.
-    out = remap_rows_host(table, remap.index, fill, fill_index, axis=axis, dtype=dtype)
+    out = take_host(np.asarray(table)[leading(shape, axis)], take.index, fill, fill_index, axis=axis, dtype=dtype)
     return jax.device_put(out, sharding) if sharding is not None else out
   table = jnp.asarray(table, dtype) if not isinstance(table, jax.Array) else table.astype(dtype)
-  if axis == 1 and table.shape[0] != shape[0]:
-    table = jax.lax.slice_in_dim(table, 0, shape[0], axis=0)  # TensorFlow uses the leading rows.
+  if table.shape[:axis] + table.shape[axis + 1 :] != shape[:axis] + shape[axis + 1 :]:
+    table = table[leading(shape, axis)]
   if not remap.follows and isinstance(info.backup_initializer, NEW_ROW_INITIALIZERS):
     draws = old_rows_fill(
       info.backup_initializer,
@@ -266,7 +335,7 @@ def apply_remap(remap: Remap, table: Any, fill: jax.Array | None, live: Any, key
     fill = jnp.concatenate([parts[0], _explicit(remap, shape, dtype), parts[1]], axis=axis)
   if fill is not None and isinstance(table, jax.Array):
     fill = jax.device_put(fill, table_sharding(sharding, fill.shape, axis) or table.sharding)
-  return remap_rows(table, remap.index, fill, fill_index, axis=axis, out_sharding=sharding)
+  return take_device(table, take.index, fill, fill_index, axis=axis, out_sharding=sharding)
 
 
 def fill_index_of(remap: Remap) -> np.ndarray:
@@ -300,10 +369,10 @@ def host_gather_ok(remap: Remap, live: Any) -> bool:
   return isinstance(live, np.ndarray) or on_one_cpu(live)
 
 
-def remap_rows_host(
+def take_host(
   table: np.ndarray, index: np.ndarray, fill: Any, fill_index: np.ndarray, *, axis: int, dtype: Any
 ) -> np.ndarray:
-  """`remap_rows` on the host, into a 64-byte-aligned buffer (zero-copy for `jax.device_put` on CPU).
+  """The gather on the host: `take_device`'s result, into a 64-byte-aligned buffer (zero-copy for `jax.device_put` on CPU).
 
   Args:
     table: The old table (numpy, already in `dtype`).
@@ -319,12 +388,12 @@ def remap_rows_host(
   Examples:
     >>> import numpy as np
     >>> old = np.array([[0.5], [1.0], [1.5], [2.0]], np.float32)
-    >>> remap_rows_host(old, np.array([3, -1, 0]), None, np.zeros(3, np.int32), axis=0, dtype=np.float32).tolist()
+    >>> take_host(old, np.array([3, -1, 0]), None, np.zeros(3, np.int32), axis=0, dtype=np.float32).tolist()
     [[2.0], [0.0], [0.5]]
   """
   table = np.asarray(table, dtype)
   shape = (*table.shape[:axis], len(index), *table.shape[axis + 1 :])
-  out = hostread.aligned_empty(shape, dtype)
+  out = aligned_empty(shape, dtype)
   np.take(table, np.maximum(index, 0), axis=axis, out=out, mode="clip")
   fill_missing(out, index, fill, fill_index, axis=axis)
   return out
@@ -354,3 +423,34 @@ def fill_missing(out: np.ndarray, index: np.ndarray, fill: Any, fill_index: np.n
     out[where] = 0
   else:
     out[where] = np.take(np.asarray(fill, out.dtype), fill_index[missing], axis=axis)
+
+
+def conform(value: Any, live: Any) -> Any:
+  """The chain's last step: a value with the live leaf's type, dtype (the `Cast`) and sharding.
+
+  A `jax.Array` (or abstract) leaf gets a `jax.Array` with its sharding; a
+  numpy array or scalar, and a Python scalar, keep their type.
+
+  Examples:
+    >>> import numpy as np
+    >>> conform(np.array([1.5, 2.5]), np.zeros(2, np.float16)).dtype
+    dtype('float16')
+    >>> conform(np.array(3), 0)
+    3
+  """
+  if isinstance(live, jax.Array | jax.ShapeDtypeStruct):
+    if not isinstance(value, jax.Array):
+      return jax.device_put(np.asarray(value, dtype=live.dtype), live.sharding)
+    if value.dtype != live.dtype:
+      value = value.astype(live.dtype)
+    if value.sharding != live.sharding:
+      value = jax.device_put(value, live.sharding)
+    return value
+  host = np.asarray(value)
+  if isinstance(live, np.ndarray):
+    return np.array(host, dtype=live.dtype)
+  if isinstance(live, np.generic):
+    return host.astype(live.dtype)[()]
+  if isinstance(live, bool | int | float | complex):
+    return type(live)(host.item())
+  return jnp.asarray(host)

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from flax_warmstart.errors import WarmStartError
+from flax_warmstart._src.errors import WarmStartError
 
 Kind = Literal["param", "slot", "other"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from flax_warmstart.naming import Variable
+from flax_warmstart._src.naming import Variable
 
 PREV = "var_name_to_prev_var_name"
 

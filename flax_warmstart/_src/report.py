@@ -1,32 +1,14 @@
-"""Showing a plan (text table, HTML, JSON) and recording where weights came from.
-
-Provenance: after a warm start, `plan.provenance()` is a small JSON record
-(sources and steps, settings, each leaf's action and source) to save with the
-run's next checkpoint, as Orbax custom metadata:
-
-    mgr.save(step, args=..., custom_metadata={fws.PROVENANCE_KEY: plan.provenance()})
-
-or as a JSON item named `PROVENANCE_KEY`; `load_provenance(ckpt_dir)` reads
-either back, so a run knows where its weights came from across resumes.
-"""
+"""Showing a plan: a text table, HTML for notebooks, JSON-ready data; and the one byte formatter."""
 
 from __future__ import annotations
 
-import datetime
 import html
-import json
-import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from etils import epath
-
-from flax_warmstart.errors import WarmStartError
-
 if TYPE_CHECKING:
-  from flax_warmstart.plan import LeafPlan, WarmStartPlan
+  from flax_warmstart._src.planning import LeafPlan, WarmStartPlan
 
-PROVENANCE_KEY = "flax_warmstart_provenance"
 # Tables longer than this are grouped by top-level scope.
 GROUP_ABOVE = 40
 _COLUMNS = ("name", "action", "source", "shape", "dtype", "read", "sharding", "reason")
@@ -51,7 +33,7 @@ def _cells(row: LeafPlan) -> tuple[str, ...]:
   dtype = str(row.dtype) if not row.cast else f"{row.source_dtype}->{row.dtype}"
   source = "" if row.source in (None, row.name) else row.source
   read = human_bytes(row.nbytes) if row.nbytes else ""
-  return (row.name, row.action, source, str(row.shape), dtype, read, row.sharding, row.reason)
+  return (row.name, str(row.action), source, str(row.shape), dtype, read, row.sharding, row.reason)
 
 
 def scope_of(row: LeafPlan) -> str:
@@ -71,7 +53,7 @@ def _groups(rows: Sequence[LeafPlan]) -> list[tuple[str | None, list[LeafPlan]]]
 def _counts(rows: Sequence[LeafPlan]) -> str:
   counts: dict[str, int] = {}
   for row in rows:
-    counts[row.action] = counts.get(row.action, 0) + 1
+    counts[str(row.action)] = counts.get(str(row.action), 0) + 1
   return ", ".join(f"{n} {action}" for action, n in counts.items())
 
 
@@ -118,7 +100,7 @@ def to_html(plan: WarmStartPlan) -> str:
         f'<tr class="scope"><th colspan="{len(_COLUMNS)}">{esc(scope)}: {len(rows)} leaves, {esc(_counts(rows))}</th></tr>'
       )
     for row in rows:
-      parts.append(f'<tr class="{esc(row.action)}">' + "".join(f"<td>{esc(c)}</td>" for c in _cells(row)) + "</tr>")
+      parts.append(f'<tr class="{esc(str(row.action))}">' + "".join(f"<td>{esc(c)}</td>" for c in _cells(row)) + "</tr>")
     parts.append("</tbody>")
   parts.append("</table>")
   parts += [f'<p class="unused">{esc(line)}</p>' for line in _unused_lines(plan)]
@@ -129,9 +111,13 @@ def _row_dict(plan: WarmStartPlan, row: LeafPlan) -> dict[str, Any]:
   index = {id(c): k for k, c in enumerate(plan.checkpoints)}
   out = {
     "name": row.name,
-    "action": row.action,
+    "action": str(row.action),
     "reason": row.reason,
+    "code": str(row.code),
+    "reset": None if row.reset is None else str(row.reset),
     "source": row.source,
+    "renamed_by": row.renamed_by,
+    "transforms": [t.describe() for t in row.transforms],
     "checkpoint": None if row.checkpoint is None else index[id(row.checkpoint)],
     "shape": list(row.shape),
     "dtype": str(row.dtype),
@@ -158,76 +144,11 @@ def to_dict(plan: WarmStartPlan) -> dict[str, Any]:
   """The plan as JSON-ready data: summary, checkpoints, one dict per leaf, unused tensors."""
   return {
     "summary": plan.summary(),
-    "checkpoints": [{"location": c.requested, "path": str(c.path), "step": c.step} for c in plan.checkpoints],
+    "checkpoints": [
+      {"location": c.requested, "path": c.location, "format": c.format, "step": c.step} for c in plan.checkpoints
+    ],
     "sources": [_source_dict(s) for s in plan.sources],
     "bytes": plan.nbytes,
     "leaves": [_row_dict(plan, row) for row in plan.leaves],
     "unused": plan.unused_tensors(),
   }
-
-
-def provenance(plan: WarmStartPlan) -> dict[str, Any]:
-  """A small record of where each leaf came from (see the module docstring)."""
-  from flax_warmstart import __version__  # noqa: PLC0415 (the package imports this module)
-
-  full = to_dict(plan)
-  return {
-    "format": PROVENANCE_KEY + "/1",
-    "library_version": __version__,
-    "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    "checkpoints": full["checkpoints"],
-    "settings": full["sources"],
-    "leaves": {
-      row["name"]: {k: row[k] for k in ("action", "source", "checkpoint") if row[k] is not None}
-      | ({"vocab": row["vocab"]} if "vocab" in row else {})
-      for row in full["leaves"]
-    },
-  }
-
-
-def load_provenance(location: str | os.PathLike) -> dict[str, Any]:
-  """Reads the provenance record saved with a checkpoint.
-
-  Looks in the step's Orbax custom metadata (`custom_metadata=
-  {PROVENANCE_KEY: record}` in `CheckpointManager.save`), then for a JSON item
-  named `PROVENANCE_KEY`.
-
-  Args:
-    location: A `CheckpointManager` root (latest step) or a step directory.
-
-  Returns:
-    The record.
-
-  Raises:
-    WarmStartError: If the checkpoint holds no provenance record.
-
-  Examples:
-    >>> import tempfile, jax.numpy as jnp, orbax.checkpoint as ocp
-    >>> root = tempfile.mkdtemp()
-    >>> with ocp.CheckpointManager(root) as mgr:
-    ...   _ = mgr.save(1, args=ocp.args.StandardSave({"w": jnp.ones(1)}),
-    ...                custom_metadata={PROVENANCE_KEY: {"leaves": {"w": {"action": "copy"}}}})
-    >>> load_provenance(root)["leaves"]
-    {'w': {'action': 'copy'}}
-  """
-  from flax_warmstart.checkpoint import locate  # noqa: PLC0415
-
-  path, _ = locate(location)
-  for candidate in (path, path.parent):  # a step directory, or an item inside one
-    meta_file = epath.Path(candidate) / "_CHECKPOINT_METADATA"
-    if meta_file.exists():
-      custom = json.loads(meta_file.read_text()).get("custom_metadata") or {}
-      if PROVENANCE_KEY in custom:
-        return custom[PROVENANCE_KEY]
-    item = epath.Path(candidate) / PROVENANCE_KEY
-    if item.is_dir():
-      files = [f for f in item.iterdir() if f.is_file() and f.name not in ("commit_success.txt",)]
-      for f in files:
-        try:
-          return json.loads(f.read_text())
-        except ValueError:
-          continue
-  raise WarmStartError(
-    f"No flax_warmstart provenance in {os.fspath(location)}: save it with"
-    f" CheckpointManager.save(..., custom_metadata={{{PROVENANCE_KEY!r}: plan.provenance()}})."
-  )

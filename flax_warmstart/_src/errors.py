@@ -66,3 +66,10 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
   if not found:
     return ""
   return " Closest names: " + ", ".join(repr(f) for f in found) + "."
+
+
+# What to check when a checkpoint that was planned from cannot be read.
+DAMAGED_HINT = (
+  "The checkpoint's files may be incomplete or damaged; check that the save finished (a CheckpointManager"
+  " step is final once its directory has no .orbax-checkpoint-tmp suffix)."
+)

@@ -1,4 +1,4 @@
-"""`warm_start`: build a plan from settings, then execute it on the live state."""
+"""The public entry points: plan from settings or an assignment map, then execute on the live state."""
 
 from __future__ import annotations
 
@@ -6,22 +6,31 @@ import dataclasses
 import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import jax
 
-from flax_warmstart import checkpoint as checkpoint_lib
-from flax_warmstart.assignment import AssignmentMap, build_assignment_plan
-from flax_warmstart.errors import WarmStartError
-from flax_warmstart.execute import check_can_reset, execute
-from flax_warmstart.naming import flatten_state, unwrap_split
-from flax_warmstart.plan import WarmStartPlan, build_plan, combine, gc_paused, with_shardings
-from flax_warmstart.settings import WarmStartSettings
+from flax_warmstart._src.assignment import AssignmentMap, build_assignment_plan
+from flax_warmstart._src.errors import WarmStartError
+from flax_warmstart._src.execute import execute
+from flax_warmstart._src.naming import flatten_state, unwrap_split
+from flax_warmstart._src.planning import (
+  WarmStartPlan,
+  bind_leaves,
+  build_plan,
+  check_can_reset,
+  combine,
+  gc_paused,
+  resets_optimizer,
+)
+from flax_warmstart._src.settings import WarmStartSettings
+from flax_warmstart._src.sources import Source, open_source
+from flax_warmstart._src.sources import orbax as orbax_source
+from flax_warmstart._src.typing import PathLike, State
 
 logger = logging.getLogger("flax_warmstart")
 
-State = TypeVar("State")
-CkptOrSettings = str | os.PathLike | WarmStartSettings
+CkptOrSettings = PathLike | WarmStartSettings
 
 
 def _settings(ckpt_or_settings: CkptOrSettings | None, settings: WarmStartSettings | None) -> WarmStartSettings:
@@ -85,14 +94,14 @@ def plan(
     ...   ckptr.save(path, {"params": {"w": jnp.ones((2,)), "b": jnp.ones(())}})
     >>> p = plan({"params": {"w": jnp.zeros((2,)), "b": jnp.zeros(())}}, path,
     ...          WarmStartSettings(path, vars_to_warm_start="w"))
-    >>> [(leaf.name, leaf.action) for leaf in p.leaves]
-    [('b', 'keep'), ('w', 'copy')]
+    >>> [(leaf.name, str(leaf.action)) for leaf in p.leaves]
+    [('b', 'keep'), ('w', 'load')]
   """
   with gc_paused():
-    return _plan(state, ckpt_or_settings, settings, overlap)
+    return _build_plan(state, ckpt_or_settings, settings, overlap)
 
 
-def _plan(
+def _build_plan(
   state: Any,
   ckpt_or_settings: CkptOrSettings | Sequence[WarmStartSettings] | None,
   settings: WarmStartSettings | None,
@@ -107,13 +116,13 @@ def _plan(
   inner = unwrap_split(state)
   variables, leaves, _ = flatten_state(inner)
   names = [v.name for v in variables]
-  cache: dict[tuple[str, str | None], checkpoint_lib.Checkpoint] = {}
+  cache: dict[tuple[str, str | None], Source] = {}
   plans, errors = [], []
   for k, source in enumerate(sources):
     key = (_normalize(source.ckpt_to_initialize_from), source.ckpt_item)
     try:
       if key not in cache:  # each checkpoint's metadata is read once
-        cache[key] = checkpoint_lib.load_checkpoint(key[0], item=key[1], prefer_names=names)
+        cache[key] = open_source(key[0], item=key[1], prefer_names=names)
       plans.append(build_plan(variables, leaves, cache[key], source))
     except WarmStartError as err:
       errors.append((k, err))
@@ -123,12 +132,9 @@ def _plan(
     problems = [f"source #{k} ({err.header or 'settings'}): {p}" for k, err in errors for p in err.problems]
     raise WarmStartError(problems, header="Cannot warm-start from several sources")
   result = combine(plans, overlap)
-  if any(row.action == "reset" and row.name != "step" for row in result.leaves):
+  if resets_optimizer(result):
     check_can_reset(inner)
-  return with_shardings(result, leaves)
-
-
-make_plan = plan  # `warm_start`'s `plan=` argument shadows the function inside it.
+  return bind_leaves(result, leaves)
 
 
 def _normalize(location: str | os.PathLike) -> str:
@@ -226,7 +232,8 @@ def warm_start(
     if ckpt_or_settings is not None or settings is not None:
       raise WarmStartError("Pass either a plan or a checkpoint/settings to warm_start, not both.")
     return execute(plan, state, rng=rng, init_fn=init_fn, show_progress=show_progress)
-  built = make_plan(state, ckpt_or_settings, settings, overlap=overlap)
+  with gc_paused():
+    built = _build_plan(state, ckpt_or_settings, settings, overlap)
   return execute(built, state, rng=rng, init_fn=init_fn, show_progress=show_progress)
 
 
@@ -245,7 +252,7 @@ def has_checkpoint(run_dir: str | os.PathLike) -> bool:
     False
   """
   try:
-    checkpoint_lib.locate(run_dir)
+    orbax_source.locate(run_dir)
   except WarmStartError:
     return False
   return True
@@ -327,15 +334,15 @@ def plan_init_from_checkpoint(
     >>> with ocp.StandardCheckpointer() as ckptr:
     ...   ckptr.save(path, {"old": {"w": jnp.ones(2)}})
     >>> p = plan_init_from_checkpoint({"new": {"w": jnp.zeros(2)}}, path, {"old/": "new/"})
-    >>> [(row.name, row.action, row.source) for row in p.leaves]
-    [('new/w', 'copy', 'old/w')]
+    >>> [(row.name, str(row.action), row.source) for row in p.leaves]
+    [('new/w', 'load', 'old/w')]
   """
   with gc_paused():
     inner = unwrap_split(state)
     variables, leaves, _ = flatten_state(inner)
-    checkpoint = checkpoint_lib.load_checkpoint(ckpt_dir_or_file, prefer_names=[v.name for v in variables])
+    checkpoint = open_source(ckpt_dir_or_file, prefer_names=[v.name for v in variables])
     result = build_assignment_plan(variables, checkpoint, assignment_map, allow_empty_scopes=allow_empty_scopes)
-  return with_shardings(result, leaves)
+  return bind_leaves(result, leaves)
 
 
 def init_from_checkpoint(
@@ -397,3 +404,32 @@ def init_from_checkpoint(
   """
   p = plan_init_from_checkpoint(state, ckpt_dir_or_file, assignment_map, allow_empty_scopes=allow_empty_scopes)
   return execute(p, state, init_fn=init_fn)
+
+
+def list_variables(location: PathLike, *, item: str | None = None) -> list[tuple[str, tuple[int, ...]]]:
+  """Lists a checkpoint's names and shapes, like `tf.train.list_variables`.
+
+  Names follow the naming contract (see `flax_warmstart.variable_names`), so
+  they are the names that `WarmStartSettings` refers to. Reads metadata only.
+
+  Args:
+    location: A checkpoint location (for Orbax: a `CheckpointManager` root,
+      whose latest step is used, a step directory or a checkpoint directory).
+    item: The item to list in a step directory with several items.
+
+  Returns:
+    Sorted `(name, shape)` pairs.
+
+  Raises:
+    WarmStartError: If no checkpoint is found at `location`.
+
+  Examples:
+    >>> import tempfile, jax.numpy as jnp, orbax.checkpoint as ocp
+    >>> path = tempfile.mkdtemp() + "/ckpt"
+    >>> with ocp.StandardCheckpointer() as ckptr:
+    ...   ckptr.save(path, {"params": {"w": jnp.ones((2, 3))}})
+    >>> list_variables(path)
+    [('w', (2, 3))]
+  """
+  source = open_source(location, item=item)
+  return sorted((v.name, v.shape) for v in source.variables.values())

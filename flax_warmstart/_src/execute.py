@@ -1,9 +1,11 @@
-"""Executing a plan: restore what it names, transform, merge into a new state.
+"""Executing a plan: read what it names, run each row's transforms, merge into a new state.
 
-The steps after the plan, shared by `warm_start` and `init_from_checkpoint`:
-one Orbax read per checkpoint (each tensor placed with the sharding it needs),
-vocabulary gathers, optimizer resets, and the merge back into a state of the
-input's type, structure, shapes, dtypes and shardings.
+The steps after the plan, shared by `warm_start`, `init_from_checkpoint`,
+the command line and the T5X hook: the read stage (`read.py`), each loaded
+row's chain of transforms (`transform.py`), `init_fn` for the abstract leaves
+not loaded, resets, and the merge back into a state of the input's type,
+structure, shapes, dtypes and shardings. Every decision here is taken from a
+row's fields (`Action`, `Reset`, `Reason`, the chain), never from its text.
 """
 
 from __future__ import annotations
@@ -18,12 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_warmstart import checkpoint as checkpoint_lib
-from flax_warmstart import hostread, report
-from flax_warmstart import remap as remap_lib
-from flax_warmstart.errors import WarmStartError
-from flax_warmstart.naming import flatten_state, is_nnx_split, unwrap_split
-from flax_warmstart.plan import LeafPlan, WarmStartPlan
+from flax_warmstart._src import read as read_lib
+from flax_warmstart._src import transform as transform_lib
+from flax_warmstart._src.errors import WarmStartError
+from flax_warmstart._src.naming import flatten_state, is_nnx_split, unwrap_split
+from flax_warmstart._src.planning import Action, Reason, Reset, WarmStartPlan, bind_leaves, check_can_reset
 
 logger = logging.getLogger("flax_warmstart")
 
@@ -51,16 +52,6 @@ def progress(enabled: bool = True) -> Iterator[Callable[[str], None]]:
 
   with Console(stderr=True).status("flax_warmstart") as status:
     yield status.update
-
-
-def check_can_reset(state: Any) -> None:
-  """Raises unless `state` carries its optimizer, as `optimizer_state='reset'` needs."""
-  if not all(hasattr(state, attr) for attr in ("tx", "params", "opt_state", "replace")):
-    raise WarmStartError(
-      "optimizer_state='reset' needs a state that carries its optimizer (a flax TrainState with .tx,"
-      f" .params and .opt_state); got {type(state).__name__}. A freshly created state already holds"
-      " the optimizer's init: use optimizer_state='keep'."
-    )
 
 
 def execute(
@@ -149,69 +140,39 @@ def execute_leaves(
     The new leaves.
   """
   live = [_placed(x) for x in leaves]
+  plan = bind_leaves(plan, leaves, abstract_is_init=True)
   keys = {i: None if rng is None else jax.random.fold_in(rng, i) for i in range(len(leaves))}
   # Everything that can fail comes before any read: the fills of new vocabulary
   # rows (a bad backup initializer), then the init of abstract leaves.
   fills = {
-    i: remap_lib.initial_fill(row.remap, row.shape, live[i].dtype, keys[i], row.name)
+    i: transform_lib.initial_fill(row.remap, row.shape, live[i].dtype, keys[i], row.name)
     for i, row in enumerate(plan.leaves)
-    if row.action == "remap"
+    if row.take is not None
   }
   new_leaves = [np.array(x) if isinstance(x, np.ndarray) else x for x in leaves]
-  fresh = [i for i, x in enumerate(leaves) if isinstance(x, jax.ShapeDtypeStruct) and plan.leaves[i].action == "keep"]
+  fresh = [i for i, row in enumerate(plan.leaves) if row.action is Action.INIT]
   if fresh:
     update(f"Initialising {len(fresh)} leaves that are not loaded")
     for i, value in zip(fresh, _init_leaves(init_fn, fresh, plan, live), strict=True):
       new_leaves[i] = value
-  # Reads into our own buffers where the target is host memory or one CPU
-  # device (see hostread); the others through Orbax, each shard placed on its
-  # device. Orbax's host staging buffers are freed (the reads waited for)
-  # before the gathers allocate their outputs.
-  direct: dict[int, hostread.Read] = {}
-  targets: dict[int, dict[str, jax.ShapeDtypeStruct | None]] = {id(c): {} for c in plan.checkpoints}
-  for c in plan.checkpoints:
-    mine = [i for i, row in enumerate(plan.leaves) if row.action in ("copy", "remap") and row.checkpoint is c]
-    stores = checkpoint_lib.open_arrays(
-      c, {plan.leaves[i].source for i in mine if _host_target(plan.leaves[i], live[i])}
-    )
-    for i in mine:
-      row = plan.leaves[i]
-      if row.source in stores:
-        direct[i] = _host_read(stores[row.source], row, live[i])
-      elif row.source not in targets[id(c)]:
-        targets[id(c)][row.source] = _restore_spec(live[i], row)
-  sources = ", ".join(c.describe() for c in plan.checkpoints)
-  update(
-    f"Reading {len(plan.loaded)} tensors ({report.human_bytes(sum(r.nbytes for r in plan.loaded))}) from {sources}"
-  )
-  reads = list(direct.values())
-  hostread.run(reads, max_bytes_in_flight=max(_MIN_BYTES_IN_FLIGHT, sum(r.nbytes for r in reads) // 10))
-  restored = {id(c): jax.block_until_ready(checkpoint_lib.restore(c, targets[id(c)])) for c in plan.checkpoints}
+  fetched = read_lib.read_inputs(plan, live, update)
   for i, row in enumerate(plan.leaves):
-    if i in direct:
-      out = direct.pop(i).out
-      if row.action == "remap":
-        remap_lib.fill_missing(
-          out, row.remap.index, fills[i], remap_lib.fill_index_of(row.remap), axis=row.remap.info.axis
-        )
-      new_leaves[i] = _conform(out, live[i])
-    elif row.action == "copy":
-      new_leaves[i] = _conform(restored[id(row.checkpoint)][row.source], live[i])
-    elif row.action == "remap":
-      update(f"Remapping the vocabulary of {row.name}")
-      table = restored[id(row.checkpoint)][row.source]
-      value = remap_lib.apply_remap(row.remap, table, fills[i], live[i], keys[i])
-      new_leaves[i] = _conform(value, live[i])
-    elif row.action == "reset" and row.name == "step":
-      new_leaves[i] = _conform(np.zeros(row.shape, row.dtype), live[i])
-  if any(row.action == "reset" and row.name != "step" for row in plan.leaves):
+    if row.action is Action.LOAD:
+      got = fetched.pop(i)
+      value, take = got.value, row.take
+      if take is not None and got.taken:
+        index = take.index
+        transform_lib.fill_missing(value, index, fills[i], transform_lib.fill_index_of(take.remap), axis=take.axis)
+      elif take is not None:
+        update(f"Remapping the vocabulary of {row.name}")
+        value = transform_lib.apply_take(take, value, fills[i], live[i], keys[i])
+      new_leaves[i] = transform_lib.conform(value, live[i])
+    elif row.reset is Reset.STEP:
+      new_leaves[i] = transform_lib.conform(np.zeros(row.shape, row.dtype), live[i])
+  if any(row.reset is Reset.OPTIMIZER for row in plan.leaves):
     new_leaves = _reset_optimizer(plan, state, treedef, live, new_leaves)
   _log(plan)
   return new_leaves
-
-
-# Reads into our own buffers keep at most max(this, a tenth of their bytes) in flight.
-_MIN_BYTES_IN_FLIGHT = 64 << 20
 
 
 def _placed(leaf: Any) -> Any:
@@ -221,22 +182,6 @@ def _placed(leaf: Any) -> Any:
     device = jax.local_devices()[0]
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=jax.sharding.SingleDeviceSharding(device))
   return leaf
-
-
-def _host_target(row: LeafPlan, live: Any) -> bool:
-  """Whether a tensor can be read straight into the leaf's own memory: host memory or one CPU device."""
-  if row.remap is not None:
-    return remap_lib.host_gather_ok(row.remap, live)
-  if isinstance(live, np.ndarray):
-    return True
-  return remap_lib.on_one_cpu(live)
-
-
-def _host_read(store: Any, row: LeafPlan, live: Any) -> hostread.Read:
-  label = f"{row.source!r} (for {row.name!r}) from {row.checkpoint.describe()}"
-  if row.remap is None:
-    return hostread.whole(store, live.dtype, label=label)
-  return hostread.rows(store, row.remap.index, row.shape, live.dtype, row.remap.info.axis, label=label)
 
 
 def _init_leaves(init_fn: Callable[[], Any] | None, indices: list[int], plan: WarmStartPlan, live: list[Any]) -> list:
@@ -287,42 +232,9 @@ def _reset_optimizer(
   fresh_leaves = flatten_state(fresh)[1]
   out = list(new_leaves)
   for i, row in enumerate(plan.leaves):
-    if row.action == "reset" and row.name != "step":
-      out[i] = _conform(fresh_leaves[i], live[i])
+    if row.reset is Reset.OPTIMIZER:
+      out[i] = transform_lib.conform(fresh_leaves[i], live[i])
   return out
-
-
-def _restore_spec(leaf: Any, row: LeafPlan) -> jax.ShapeDtypeStruct | None:
-  """How to read a tensor for this live leaf: sharded like it (an old vocabulary
-  table: sharded off its vocabulary axis, for a local gather), or to host."""
-  if not isinstance(leaf, jax.Array | jax.ShapeDtypeStruct):
-    return None
-  if row.remap is None:
-    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
-  if remap_lib.host_gather_ok(row.remap, leaf):  # to host memory, gathered there
-    return jax.ShapeDtypeStruct(row.source_shape, leaf.dtype)
-  sharding = remap_lib.table_sharding(leaf.sharding, row.source_shape, row.remap.info.axis)
-  return jax.ShapeDtypeStruct(row.source_shape, leaf.dtype, sharding=sharding)
-
-
-def _conform(value: Any, live: Any) -> Any:
-  """Gives a restored value the live leaf's type, dtype and sharding (a jax.Array for an abstract leaf)."""
-  if isinstance(live, jax.Array | jax.ShapeDtypeStruct):
-    if not isinstance(value, jax.Array):
-      return jax.device_put(np.asarray(value, dtype=live.dtype), live.sharding)
-    if value.dtype != live.dtype:
-      value = value.astype(live.dtype)
-    if value.sharding != live.sharding:
-      value = jax.device_put(value, live.sharding)
-    return value
-  host = np.asarray(value)
-  if isinstance(live, np.ndarray):
-    return np.array(host, dtype=live.dtype)
-  if isinstance(live, np.generic):
-    return host.astype(live.dtype)[()]
-  if isinstance(live, bool | int | float | complex):
-    return type(live)(host.item())
-  return jnp.asarray(host)
 
 
 def _kind(dtype: np.dtype) -> str:
@@ -336,7 +248,7 @@ def _kind(dtype: np.dtype) -> str:
 def _log(plan: WarmStartPlan) -> None:
   logger.info("Warm-started %s.", plan.summary())
   for row in plan.leaves:
-    if row.action != "keep":
+    if row.action is not Action.KEEP:
       logger.debug(
         "Warm-starting variable: %s; prev_var_name: %s",
         row.name,
@@ -346,7 +258,7 @@ def _log(plan: WarmStartPlan) -> None:
     if row.remap is not None and row.remap.follows is None:
       stats = ", ".join(f"{n} {k}" for k, n in row.remap.mapping.stats().items())
       logger.info("Remapped vocabulary of %r (axis %d) from %r: %s.", row.name, row.remap.info.axis, row.source, stats)
-  factored = [row.name for row in plan.leaves if row.action == "keep" and row.reason.startswith("factored slot")]
+  factored = [row.name for row in plan.leaves if row.code is Reason.FACTORED_SLOT]
   if factored:
     logger.warning("Kept at their init value, as they cannot follow a vocabulary remap: %s", ", ".join(factored))
   casts = [row for row in plan.loaded if row.cast]
@@ -362,7 +274,7 @@ def _log(plan: WarmStartPlan) -> None:
           row.source_dtype,
           row.dtype,
         )
-  missing = [row.name for row in plan.leaves if row.action == "keep" and "skip_missing" in row.reason]
+  missing = [row.name for row in plan.leaves if row.code is Reason.MISSING_SKIPPED]
   if missing:
     logger.warning(
       "Kept the current value of %d selected leaves missing from the checkpoint (skip_missing=True): %s",
@@ -370,10 +282,11 @@ def _log(plan: WarmStartPlan) -> None:
       ", ".join(missing),
     )
   for row in plan.leaves:
-    if row.name == "step" and row.action in ("copy", "reset"):
-      how = f"loaded from {row.checkpoint.describe()}" if row.action == "copy" else "reset to 0"
-      effect = "continue from the old step" if row.action == "copy" else "restart from step 0"
-      logger.info("step %s: learning-rate schedules %s.", how, effect)
-  resets = [row.name for row in plan.reset if row.name != "step"]
+    step_loaded = row.action is Action.LOAD and row.step_leaf
+    if step_loaded or row.reset is Reset.STEP:
+      how = f"loaded from {row.checkpoint.describe()}" if step_loaded else "reset to 0"
+      effect = "continue from the old step" if step_loaded else "restart from step 0"
+      logger.info("%s %s: learning-rate schedules %s.", row.name, how, effect)
+  resets = [row.name for row in plan.reset if row.reset is Reset.OPTIMIZER]
   if resets:
     logger.info("Reset %d optimizer-state leaves to the optimizer's fresh init.", len(resets))

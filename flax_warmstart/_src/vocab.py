@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from flax_warmstart.errors import WarmStartError
-from flax_warmstart.settings import NEW_ROW_INITIALIZERS
+from flax_warmstart._src.errors import WarmStartError
+from flax_warmstart._src.settings import NEW_ROW_INITIALIZERS
 
 VocabSource = str | os.PathLike | Sequence[str]
 

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from flax_warmstart.checkpoint import Checkpoint
-from flax_warmstart.errors import WarmStartError, did_you_mean
-from flax_warmstart.naming import Variable
-from flax_warmstart.plan import LeafPlan, WarmStartPlan
+from flax_warmstart._src.errors import WarmStartError, did_you_mean
+from flax_warmstart._src.naming import Variable
+from flax_warmstart._src.planning import Action, LeafPlan, Reason, WarmStartPlan
+from flax_warmstart._src.sources import Source
 
 AssignmentMap = Mapping[str, str] | Sequence[tuple[str, str]]
 
@@ -46,7 +46,7 @@ def _pairs(assignment_map: AssignmentMap) -> list[tuple[str, str]]:
 
 def build_assignment_plan(
   variables: Sequence[Variable],
-  checkpoint: Checkpoint,
+  checkpoint: Source,
   assignment_map: AssignmentMap,
   *,
   allow_empty_scopes: bool = False,
@@ -133,7 +133,7 @@ def build_assignment_plan(
   for v in variables:
     if v.name in assigned:
       tensor, pair = assigned[v.name]
-      rows.append(LeafPlan.loaded_from(v, checkpoint, ckpt[tensor], f"assignment {pair}"))
+      rows.append(LeafPlan.loaded_from(v, checkpoint, ckpt[tensor], f"assignment {pair}", Reason.ASSIGNED))
     else:
-      rows.append(LeafPlan.unloaded(v, "keep", "not in assignment_map"))
+      rows.append(LeafPlan.unloaded(v, Action.KEEP, "not in assignment_map", Reason.NOT_ASSIGNED))
   return WarmStartPlan(checkpoints=(checkpoint,), leaves=tuple(rows), sources=(assignment_map,))

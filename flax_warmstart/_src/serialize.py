@@ -19,8 +19,8 @@ from typing import Any
 
 import jax
 
-from flax_warmstart.errors import WarmStartError, did_you_mean
-from flax_warmstart.settings import MeanCovarianceOfOldRows, MeanOfOldRows, VocabInfo, WarmStartSettings
+from flax_warmstart._src.errors import WarmStartError, did_you_mean
+from flax_warmstart._src.settings import MeanCovarianceOfOldRows, MeanOfOldRows, VocabInfo, WarmStartSettings
 
 _PLAIN = {
   "zeros": jax.nn.initializers.zeros,

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 from flax.core import FrozenDict
 
-from flax_warmstart.errors import WarmStartError
+from flax_warmstart._src.errors import WarmStartError
 
 # What happens to the optimizer state and the step (see WarmStartSettings).
 Policy = Literal["select", "load", "reset", "keep"]
@@ -219,7 +219,7 @@ class WarmStartSettings:
       >>> WarmStartSettings.from_dict({"ckpt_to_initialize_from": "/runs/old", "step": "reset"}).step
       'reset'
     """
-    from flax_warmstart.serialize import settings_from_dict  # noqa: PLC0415 (serialize imports this module)
+    from flax_warmstart._src.serialize import settings_from_dict  # noqa: PLC0415 (serialize imports this module)
 
     return settings_from_dict(data, **kwargs)
 
@@ -233,7 +233,7 @@ class WarmStartSettings:
       >>> WarmStartSettings("/runs/old").to_dict()["vars_to_warm_start"]
       '.*'
     """
-    from flax_warmstart.serialize import settings_to_dict  # noqa: PLC0415
+    from flax_warmstart._src.serialize import settings_to_dict  # noqa: PLC0415
 
     return settings_to_dict(self)
 

@@ -1,0 +1,332 @@
+"""The Orbax source: `CheckpointManager` roots, step directories and checkpoint directories.
+
+A location may be a `CheckpointManager` root (its latest finalized step is
+used), a step directory (one or several items), or a checkpoint directory
+written by `StandardCheckpointer` / `PyTreeCheckpointer`. Metadata (names,
+shapes, dtypes) is read first; `restore` then reads only the tensors asked
+for, each placed directly with the sharding it is asked for, and
+`open_arrays` hands single-process reads their TensorStore arrays so that
+the read stage fills buffers of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from etils import epath
+
+from flax_warmstart._src.errors import DAMAGED_HINT, WarmStartError
+from flax_warmstart._src.naming import Variable, flatten_checkpoint_tree
+from flax_warmstart._src.sources.base import Source
+from flax_warmstart._src.sources.orbax_metadata import ITEM_FILE, metadata_tree, ts_context
+
+_STEP_NAME = re.compile(r"^(?:.*_)?(\d+)$")
+# Item names tried, in order, when a step directory holds several PyTree items.
+_PREFERRED_ITEMS = ("default", "state", "train_state")
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class OrbaxSource(Source):
+  """A located Orbax checkpoint (one PyTree item) and its metadata; no array has been read.
+
+  Attributes:
+    path: The item directory that Orbax reads.
+    requested: The location the user gave.
+    step: The training step, when the location names one (a manager step).
+    variables: Checkpoint name -> `Variable` (shape, dtype), in tree order.
+    tree: The checkpoint's metadata tree.
+    use_zarr3: Whether arrays are stored as zarr v3.
+  """
+
+  format: ClassVar[str] = "orbax"
+  path: epath.Path
+  requested: str
+  step: int | None
+  variables: Mapping[str, Variable]
+  tree: Any
+  use_zarr3: bool = False
+
+  @functools.cached_property
+  def metadata_leaves(self) -> list[Any]:
+    """The leaves of `tree`, indexed by `Variable.index`."""
+    return jax.tree_util.tree_leaves(self.tree)
+
+  @property
+  def location(self) -> str:
+    return str(self.path)
+
+  def open_arrays(self, names: Iterable[str]) -> dict[str, ts.TensorStore]:
+    return open_arrays(self, names)
+
+  def restore(self, targets: Mapping[str, jax.ShapeDtypeStruct | None]) -> dict[str, Any]:
+    return restore(self, targets)
+
+
+def is_orbax(path: epath.Path) -> bool:
+  """Whether a directory is an Orbax checkpoint, a step directory with items, or a manager root with steps."""
+  return path.is_dir() and (_is_item(path) or bool(_item_dirs(path)) or bool(_step_dirs(path)))
+
+
+def open_orbax(
+  location: str | os.PathLike,
+  *,
+  item: str | None = None,
+  prefer_names: Iterable[str] = (),
+) -> OrbaxSource:
+  """Locates an Orbax checkpoint and reads its metadata (names, shapes, dtypes).
+
+  Args:
+    location: A `CheckpointManager` root, a step directory or a checkpoint
+      directory.
+    item: The item to read in a step directory with several items.
+    prefer_names: Names of the live state; with several candidate items and no
+      `item`, the item holding most of these names is read.
+
+  Returns:
+    The source.
+
+  Raises:
+    WarmStartError: If no checkpoint is found, or the item is ambiguous.
+
+  Examples:
+    >>> import tempfile, jax.numpy as jnp, orbax.checkpoint as ocp
+    >>> path = tempfile.mkdtemp() + "/ckpt"
+    >>> with ocp.StandardCheckpointer() as ckptr:
+    ...   ckptr.save(path, {"params": {"w": jnp.ones((2, 3))}})
+    >>> source = open_orbax(path)
+    >>> source.format, source.variables["w"].shape
+    ('orbax', (2, 3))
+  """
+  requested = os.fspath(location)
+  path, step = locate(requested)
+  if _is_item(path):
+    if item is not None and path.name != item:
+      raise WarmStartError(
+        f"ckpt_item={item!r} was asked for, but {requested} is a single checkpoint"
+        " directory, not a step directory with items. Drop ckpt_item."
+      )
+    return _read(path, requested, step)
+  items = _item_dirs(path)
+  by_name = {p.name: p for p in items}
+  if item is not None:
+    if item not in by_name:
+      raise WarmStartError(
+        f"No item {item!r} in checkpoint step {path}; its items are {sorted(by_name)}. Set ckpt_item to one of them."
+      )
+    return _read(by_name[item], requested, step)
+  if len(items) == 1:
+    return _read(items[0], requested, step)
+  candidates = [_read(p, requested, step) for p in items]
+  prefer = set(prefer_names)
+  scores = {c.path.name: len(prefer & set(c.variables)) for c in candidates}
+  best = max(scores.values())
+  winners = [c for c in candidates if scores[c.path.name] == best]
+  if len(winners) > 1:
+    named = [c for c in winners if c.path.name in _PREFERRED_ITEMS]
+    winners = sorted(named, key=lambda c: _PREFERRED_ITEMS.index(c.path.name))[:1] or winners
+  if len(winners) == 1:
+    return winners[0]
+  raise WarmStartError(
+    f"Checkpoint step {path} holds several items ({sorted(by_name)}) and none"
+    " matches the state better than the others. Name the one to read with"
+    " WarmStartSettings(ckpt_item=...)."
+  )
+
+
+def locate(location: str | os.PathLike) -> tuple[epath.Path, int | None]:
+  """Resolves a location to a checkpoint directory (a manager root to its latest step).
+
+  Returns:
+    `(directory, step)`; `step` is None when the location names none.
+
+  Raises:
+    WarmStartError: Saying what was looked for, if there is no checkpoint.
+  """
+  requested = os.fspath(location)
+  # Orbax needs absolute local paths; URLs (gs://...) are left as they are.
+  path = epath.Path(requested if "://" in requested else os.path.abspath(requested))
+  if not path.exists():
+    raise WarmStartError(
+      f"No checkpoint at {requested}: the path does not exist. Give an Orbax"
+      " CheckpointManager directory, a step directory or a checkpoint directory."
+    )
+  if not path.is_dir():
+    raise WarmStartError(
+      f"No checkpoint at {requested}: it is a file. Give the checkpoint's directory (perhaps {path.parent})."
+    )
+  if _is_item(path) or _item_dirs(path):
+    return path, _step_of(path)
+  steps = _step_dirs(path)
+  if steps:
+    step, step_dir = max(steps)
+    return step_dir, step
+  listing = sorted(p.name for p in path.iterdir())[:10]
+  if any(ocp.path.step.is_tmp_checkpoint(p) for p in path.iterdir()):
+    raise WarmStartError(
+      f"No finalized Orbax checkpoint at {requested} yet: a save is still in progress ({listing})."
+      " CheckpointManager saves asynchronously; call mgr.wait_until_finished() before reading it."
+    )
+  raise WarmStartError(
+    f"No Orbax checkpoint found at {requested}. Looked for a checkpoint directory"
+    f" (with a {ITEM_FILE} file), a step directory (with item directories such as"
+    " default/), and a CheckpointManager root (with finalized numbered step"
+    f" directories); found {listing or 'an empty directory'}."
+  )
+
+
+def _is_item(path: epath.Path) -> bool:
+  return (path / ITEM_FILE).exists()
+
+
+def _item_dirs(path: epath.Path) -> list[epath.Path]:
+  return sorted((p for p in path.iterdir() if p.is_dir() and _is_item(p)), key=lambda p: p.name)
+
+
+def _step_of(path: epath.Path) -> int | None:
+  """The step of a manager's step directory or of an item inside one; None for a standalone checkpoint.
+
+  A standalone checkpoint (`StandardCheckpointer.save(".../run_0")`) keeps its
+  `_CHECKPOINT_METADATA` in itself, with a single handler; a manager's step
+  keeps it at the step level, above its items. So neither a standalone
+  directory named like a step nor one inside a directory named like a step
+  (pytest's `tmp_path` ends in `_0`) gets a step.
+  """
+  match = _STEP_NAME.match(path.name)
+  if match and not _standalone(path):
+    return int(match.group(1))
+  match = _STEP_NAME.match(path.parent.name)
+  if match and _is_item(path) and _step_metadata(path.parent) is not None and not _standalone(path.parent):
+    return int(match.group(1))
+  return None
+
+
+def _step_metadata(path: epath.Path) -> ocp.metadata.StepMetadata | None:
+  """A directory's `_CHECKPOINT_METADATA`, through Orbax's public reader; None if absent or unreadable."""
+  try:
+    return ocp.metadata.get_step_metadata(path)
+  except (OSError, ValueError, TypeError, KeyError, AttributeError):
+    return None
+
+
+def _standalone(path: epath.Path) -> bool:
+  """Whether `path` is a checkpoint saved on its own (one handler in its `_CHECKPOINT_METADATA`)."""
+  metadata = _step_metadata(path)
+  return metadata is not None and isinstance(metadata.item_handlers, str)
+
+
+def custom_metadata(path: epath.Path) -> dict[str, Any]:
+  """The `custom_metadata` a `CheckpointManager.save` stored with a step ({} if none)."""
+  metadata = _step_metadata(path)
+  return dict(metadata.custom_metadata or {}) if metadata is not None else {}
+
+
+def _step_dirs(path: epath.Path) -> list[tuple[int, epath.Path]]:
+  steps = []
+  for p in path.iterdir():
+    match = _STEP_NAME.match(p.name)
+    if not match or not p.is_dir() or ocp.path.step.is_tmp_checkpoint(p):
+      continue
+    if (_is_item(p) or _item_dirs(p)) and ocp.path.step.is_checkpoint_finalized(p):
+      steps.append((int(match.group(1)), p))
+  return steps
+
+
+def _read(path: epath.Path, requested: str, step: int | None) -> OrbaxSource:
+  tree, use_zarr3 = metadata_tree(path)
+  variables = {v.name: v for v, _ in flatten_checkpoint_tree(tree)}
+  return OrbaxSource(path=path, requested=requested, step=step, variables=variables, tree=tree, use_zarr3=use_zarr3)
+
+
+def open_arrays(source: OrbaxSource, names: Iterable[str]) -> dict[str, ts.TensorStore]:
+  """Opens saved arrays for reading into buffers of our own (see `flax_warmstart._src.read`).
+
+  Only in a single process and for arrays that Orbax stored with TensorStore,
+  opened with Orbax's own spec and context; the others (strings and other
+  values not stored as arrays, and every array in a multi-process run, where
+  each process reads its own shards) are left to `restore`.
+
+  Args:
+    source: From `open_orbax`.
+    names: Checkpoint names.
+
+  Returns:
+    Checkpoint name -> opened TensorStore (metadata read, no data), for the
+    names that can be read so.
+
+  Raises:
+    WarmStartError: If an array cannot be opened (naming it and the checkpoint).
+
+  Examples:
+    >>> import tempfile, jax.numpy as jnp, orbax.checkpoint as ocp
+    >>> path = tempfile.mkdtemp() + "/ckpt"
+    >>> with ocp.StandardCheckpointer() as ckptr:
+    ...   ckptr.save(path, {"w": jnp.ones((2, 3)), "step": 7})
+    >>> stores = open_arrays(open_orbax(path), ["w", "step"])
+    >>> {name: store.shape for name, store in stores.items()}
+    {'w': (2, 3), 'step': ()}
+  """
+  if jax.process_count() > 1:
+    return {}
+  use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(source.path)
+  context = ts_context(use_ocdbt)
+  opening = {}
+  for name in names:
+    meta = source.metadata_leaves[source.variables[name].index]
+    if not isinstance(meta, ocp.metadata.ArrayMetadata) or not meta.name:
+      continue
+    info = ocp.type_handlers.ParamInfo(
+      name=meta.name,
+      parent_dir=epath.Path(meta.directory or source.path),
+      use_zarr3=source.use_zarr3,
+      ts_context=context,
+    )
+    spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=use_ocdbt)
+    opening[name] = ts.open(spec, open=True, context=context)
+  opened = {}
+  for name, future in opening.items():
+    try:
+      opened[name] = future.result()
+    except Exception as err:
+      raise WarmStartError(
+        f"Reading {name!r} from {source.describe()} failed: {type(err).__name__}: {err}. {DAMAGED_HINT}"
+      ) from err
+  return opened
+
+
+def restore(source: OrbaxSource, targets: Mapping[str, jax.ShapeDtypeStruct | None]) -> dict[str, Any]:
+  """Reads only the named tensors through Orbax's placeholder partial restore (see `Source.restore`).
+
+  The item tree is the checkpoint's own metadata tree, with `ocp.PLACEHOLDER`
+  for every tensor not asked for, so nothing else is read.
+  """
+  if not targets:
+    return {}
+  meta_leaves, treedef = jax.tree_util.tree_flatten(source.tree)
+  item = [ocp.PLACEHOLDER] * len(meta_leaves)
+  args: list[ocp.RestoreArgs] = [ocp.RestoreArgs()] * len(meta_leaves)
+  for name, spec in targets.items():
+    index = source.variables[name].index
+    meta = meta_leaves[index]
+    if spec is not None and spec.sharding is not None and isinstance(meta, ocp.metadata.ArrayMetadata):
+      item[index] = spec
+      args[index] = ocp.ArrayRestoreArgs(sharding=spec.sharding, dtype=spec.dtype, global_shape=spec.shape)
+    else:
+      item[index] = meta
+      args[index] = ocp.RestoreArgs(restore_type=np.ndarray, dtype=None if spec is None else spec.dtype)
+  restored = ocp.PyTreeCheckpointHandler().restore(
+    source.path,
+    args=ocp.args.PyTreeRestore(
+      item=jax.tree_util.tree_unflatten(treedef, item),
+      restore_args=jax.tree_util.tree_unflatten(treedef, args),
+    ),
+  )
+  values = jax.tree_util.tree_leaves(restored)
+  return {name: values[source.variables[name].index] for name in targets}
