@@ -107,8 +107,8 @@ def ckpt_dir(tmp_path):
 @pytest.fixture
 def no_reads(monkeypatch):
   """Makes any read of checkpoint arrays fail: errors must come from metadata alone."""
-  from flax_warmstart._src.sources import orbax as checkpoint_lib
   from flax_warmstart._src import hostread
+  from flax_warmstart._src.sources import orbax as checkpoint_lib
 
   def fail(*args, **kwargs):
     raise AssertionError("a checkpoint array was read before the request was validated")

@@ -11,8 +11,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import flax_warmstart as fws
-from flax_warmstart._src.sources import orbax as checkpoint_lib
 from flax_warmstart._src import hostread
+from flax_warmstart._src.sources import orbax as checkpoint_lib
 
 
 def _stores(path, names):

@@ -24,10 +24,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import flax_warmstart as fws
-from flax_warmstart._src.sources import orbax as checkpoint_lib
 from flax_warmstart._src import transform as remap_lib
 from flax_warmstart._src import vocab as vocab_lib
 from flax_warmstart._src.naming import flatten_state
+from flax_warmstart._src.sources import orbax as checkpoint_lib
 
 EMBED = "embedder/embedding"
 OLD_VOCAB = ["<pad>", "a", "b", "c", "d", "e"]

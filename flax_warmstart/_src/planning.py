@@ -161,9 +161,7 @@ class LeafPlan:
     return () if self.source is None else (self.source,)
 
   @classmethod
-  def unloaded(
-    cls, v: Variable, action: Action, reason: str, code: Reason, reset: Reset | None = None
-  ) -> LeafPlan:
+  def unloaded(cls, v: Variable, action: Action, reason: str, code: Reason, reset: Reset | None = None) -> LeafPlan:
     """A `KEEP` or `RESET` row for a live leaf."""
     return cls(v.name, action, reason, code, shape=v.shape, dtype=v.dtype, reset=reset, step_leaf=is_step(v))
 

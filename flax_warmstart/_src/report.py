@@ -100,7 +100,9 @@ def to_html(plan: WarmStartPlan) -> str:
         f'<tr class="scope"><th colspan="{len(_COLUMNS)}">{esc(scope)}: {len(rows)} leaves, {esc(_counts(rows))}</th></tr>'
       )
     for row in rows:
-      parts.append(f'<tr class="{esc(str(row.action))}">' + "".join(f"<td>{esc(c)}</td>" for c in _cells(row)) + "</tr>")
+      parts.append(
+        f'<tr class="{esc(str(row.action))}">' + "".join(f"<td>{esc(c)}</td>" for c in _cells(row)) + "</tr>"
+      )
     parts.append("</tbody>")
   parts.append("</table>")
   parts += [f'<p class="unused">{esc(line)}</p>' for line in _unused_lines(plan)]

@@ -138,9 +138,7 @@ def table_sharding(
   return NamedSharding(mesh, PartitionSpec(*spec))
 
 
-def _take(
-  table: jax.Array, index: jax.Array, fill: jax.Array | None, fill_index: jax.Array, *, axis: int
-) -> jax.Array:
+def _take(table: jax.Array, index: jax.Array, fill: jax.Array | None, fill_index: jax.Array, *, axis: int) -> jax.Array:
   taken = jnp.take(table, jnp.maximum(index, 0), axis=axis, mode="clip")
   shape = [1] * table.ndim
   shape[axis] = index.shape[0]

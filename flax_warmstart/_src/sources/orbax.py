@@ -33,6 +33,7 @@ _STEP_NAME = re.compile(r"^(?:.*_)?(\d+)$")
 # Item names tried, in order, when a step directory holds several PyTree items.
 _PREFERRED_ITEMS = ("default", "state", "train_state")
 
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class OrbaxSource(Source):
   """A located Orbax checkpoint (one PyTree item) and its metadata; no array has been read.
