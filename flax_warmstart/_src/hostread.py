@@ -77,11 +77,19 @@ def _as_dtype(store: ts.TensorStore, dtype: Any) -> ts.TensorStore:
   return store if store.dtype.numpy_dtype == dtype else ts.cast(store, ts.dtype(dtype.name))
 
 
-def whole(store: ts.TensorStore, dtype: Any, *, label: str = "a tensor") -> Read:
+def _host_copy(source: Any, index: tuple[Any, ...], out: np.ndarray, out_index: tuple[Any, ...] = ()) -> None:
+  """`out[out_index] = source[index]` for a numpy-like saved array (a `numpy.memmap`: only those pages are read)."""
+  out[out_index or (Ellipsis,)] = source[index] if index else np.asarray(source)
+
+
+def whole(store: ts.TensorStore | np.ndarray, dtype: Any, *, label: str = "a tensor") -> Read:
   """A read of a whole saved array, cast to `dtype`, into a new aligned buffer.
 
   Args:
-    store: The saved array (from `checkpoint.open_arrays`).
+    store: The saved array (from `Source.open_arrays`): a TensorStore, or a
+      numpy-like array (a `numpy.memmap` over a file's raw bytes, or any
+      object with `shape`, `dtype` and numpy indexing by slices and one 1-D
+      integer array) that a source of a raw format hands out.
     dtype: The dtype to read it as.
     label: What is read, from where, for an error message.
 
@@ -96,6 +104,8 @@ def whole(store: ts.TensorStore, dtype: Any, *, label: str = "a tensor") -> Read
     [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
   """
   out = aligned_empty(tuple(store.shape), dtype)
+  if not isinstance(store, ts.TensorStore):
+    return Read(out, out.nbytes, lambda: _threads.submit(_host_copy, store, (), out), label)
   chunk = _single_chunk(store)
   if chunk is not None:
     return Read(out, out.nbytes, lambda: _threads.submit(_stream_whole, chunk, out), label)
@@ -104,7 +114,13 @@ def whole(store: ts.TensorStore, dtype: Any, *, label: str = "a tensor") -> Read
 
 
 def rows(
-  store: ts.TensorStore, index: np.ndarray, shape: tuple[int, ...], dtype: Any, axis: int, *, label: str = "a tensor"
+  store: ts.TensorStore | np.ndarray,
+  index: np.ndarray,
+  shape: tuple[int, ...],
+  dtype: Any,
+  axis: int,
+  *,
+  label: str = "a tensor",
 ) -> Read:
   """A read of old rows into their new places: `out[..., i, ...] = old[..., index[i], ...]` where `index[i] >= 0`.
 
@@ -112,7 +128,7 @@ def rows(
   the caller to fill); the old table never exists whole in memory.
 
   Args:
-    store: The saved old table.
+    store: The saved old table (a TensorStore or a numpy-like array, see `whole`).
     index: The old row of each new row along `axis`, or -1.
     shape: The new table's shape.
     dtype: Its dtype.
@@ -137,12 +153,15 @@ def rows(
   other = [d for d in range(len(shape)) if d != axis]
   if any(store.shape[d] < shape[d] for d in other):
     raise ValueError(f"The old table {tuple(store.shape)} is smaller than {shape} off axis {axis}.")
+  kept = np.flatnonzero(index >= 0)
+  lead = (slice(None),) * axis
+  if not isinstance(store, ts.TensorStore):
+    source_index = tuple(index[kept] if d == axis else s for d, s in enumerate(leading(shape, axis, len(store.shape))))
+    return Read(out, out.nbytes, lambda: _threads.submit(_host_copy, store, source_index, out, (*lead, kept)), label)
   chunk = _single_chunk(store)
   if chunk is not None and axis in (0, 1):
     return Read(out, out.nbytes, lambda: _threads.submit(_stream_rows, chunk, out, index, axis), label)
   source = _as_dtype(store, dtype)[leading(shape, axis)]
-  kept = np.flatnonzero(index >= 0)
-  lead = (slice(None),) * axis
   target = ts.array(out).oindex[(*lead, kept)]
   source = source.oindex[(*lead, index[kept])]
   return Read(out, out.nbytes, lambda: target.write(source), label)

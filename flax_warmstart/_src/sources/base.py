@@ -14,16 +14,16 @@ One module per format implements it; `open_source` (in this package's
 
 from __future__ import annotations
 
-import abc
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import jax
+import numpy as np
 
 from flax_warmstart._src.naming import Variable
 
 
-class Source(abc.ABC):
+class Source:
   """A checkpoint opened for reading: metadata read, no array yet.
 
   Attributes:
@@ -50,9 +50,15 @@ class Source(abc.ABC):
     return self.requested
 
   def open_arrays(self, names: Iterable[str]) -> dict[str, Any]:
-    """Arrays that can be read into buffers of our own: checkpoint name -> opened `tensorstore.TensorStore`.
+    """Saved arrays that can be read lazily, part by part, into buffers of our own.
 
-    The default is none: every tensor goes through `restore`.
+    Each is a `tensorstore.TensorStore`, or a numpy-like array read on
+    indexing: a `numpy.memmap` over a file's raw bytes (safetensors, npz,
+    TensorFlow bundles store tensors so), or any object with `shape`,
+    `dtype` and numpy indexing by slices and at most one 1-D integer array.
+    The read stage reads whole tensors, a vocabulary's kept rows, or each
+    device's shard from them. The default is none: every tensor goes
+    through `restore`.
 
     Args:
       names: Checkpoint names.
@@ -63,9 +69,13 @@ class Source(abc.ABC):
     del names
     return {}
 
-  @abc.abstractmethod
   def restore(self, targets: Mapping[str, jax.ShapeDtypeStruct | None]) -> dict[str, Any]:
     """Reads only the named tensors.
+
+    The default reads from `open_arrays`: a sharded target is assembled shard
+    by shard (`jax.make_array_from_callback`: each process reads only its
+    addressable shards' parts), a host target is read whole. Sources whose
+    arrays are not lazily readable override it.
 
     Args:
       targets: Checkpoint name -> a `jax.ShapeDtypeStruct` with a sharding (the
@@ -76,3 +86,20 @@ class Source(abc.ABC):
     Returns:
       Checkpoint name -> value.
     """
+    arrays = self.open_arrays(targets)
+    missing = sorted(set(targets) - set(arrays))
+    if missing:
+      raise NotImplementedError(f"{type(self).__name__} cannot read {missing}: it must implement restore.")
+    out = {}
+    for name, spec in targets.items():
+      array = arrays[name]
+      if spec is None:
+        out[name] = np.asarray(array[...] if hasattr(array, "__getitem__") else array)
+      elif spec.sharding is None:
+        out[name] = np.asarray(array[...], dtype=spec.dtype)
+      else:
+        dtype = spec.dtype
+        out[name] = jax.make_array_from_callback(
+          tuple(array.shape), spec.sharding, lambda index, a=array, d=dtype: np.asarray(a[index], dtype=d)
+        )
+    return out
