@@ -161,3 +161,36 @@ def test_sample_t5x_gin_config_binds_the_function():
     gin.clear_config()
     if "utils.RestoreCheckpointConfig" in gin.config._REGISTRY:  # noqa: SLF001
       gin.config._REGISTRY.pop("utils.RestoreCheckpointConfig")  # noqa: SLF001
+
+
+def test_step_reset_on_a_t5x_state_dict_zeroes_state_step(tmp_path):
+  """`state/step` is the step (one rule, planning.is_step): step='reset' zeroes it, through both entry points."""
+  old, new = old_state(), new_state()
+  settings = fws.WarmStartSettings("gs://bucket/old", vars_to_warm_start=[".*"], step="reset")
+  out = t5x.state_transformation(settings)(old, new, is_resuming=False)
+  assert int(out["state"]["step"]) == 0
+  np.testing.assert_array_equal(
+    out["target"]["encoder"]["layers_0"]["kernel"], old["target"]["encoder"]["layers_0"]["kernel"]
+  )
+  np.testing.assert_array_equal(
+    out["state"]["param_states"]["encoder"]["layers_0"]["kernel"]["v_row"],
+    old["state"]["param_states"]["encoder"]["layers_0"]["kernel"]["v_row"],
+  )
+  # The same state dict saved with Orbax, warm-started through fws.warm_start.
+  from conftest import save_checkpoint
+
+  path = save_checkpoint(tmp_path / "t5x", old)
+  plan = fws.plan(new, fws.WarmStartSettings(path, vars_to_warm_start=[".*"], step="reset"))
+  row = {r.name: r for r in plan.leaves}["state/step"]
+  assert (row.action, row.reset, row.code) == (fws.Action.RESET, fws.Reset.STEP, fws.Reason.POLICY_RESET)
+  out = fws.warm_start(new, fws.WarmStartSettings(path, vars_to_warm_start=[".*"], step="reset"))
+  assert int(out["state"]["step"]) == 0
+  np.testing.assert_array_equal(
+    out["target"]["encoder"]["layers_0"]["bias"], old["target"]["encoder"]["layers_0"]["bias"]
+  )
+
+
+def test_optimizer_reset_on_a_t5x_state_dict_says_it_needs_the_optimizer():
+  settings = fws.WarmStartSettings("gs://bucket/old", vars_to_warm_start=[".*"], optimizer_state="reset")
+  with pytest.raises(fws.WarmStartError, match="needs a state that carries its optimizer"):
+    t5x.state_transformation(settings)(old_state(), new_state(), is_resuming=False)
