@@ -13,12 +13,13 @@ says why), 2 a usage error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -31,6 +32,7 @@ from flax_warmstart._src.planning import bind_leaves, build_plan, check_can_rese
 from flax_warmstart._src.report import human_bytes
 from flax_warmstart._src.settings import WarmStartSettings
 from flax_warmstart._src.sources import open_source
+from flax_warmstart._src.sources.orbax import locate
 
 EPILOG = """examples:
   flax-warmstart inspect /runs/old --filter 'encoder/.*'
@@ -72,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
   plan = verb("plan", "show the plan for warm-starting NEW's structure from OLD", "OLD", "NEW")
   run = verb("run", "warm-start NEW from OLD offline and write the result to OUT", "OLD", "NEW", "OUT")
   run.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+  run.add_argument(
+    "--allow-empty",
+    action="store_true",
+    help="write OUT even when the settings load no leaf from OLD (OUT would be a copy of NEW)",
+  )
   run.add_argument("--no-progress", action="store_true", help="no progress display")
   for p in (plan, run):
     p.add_argument(
@@ -108,7 +115,8 @@ def load_settings(path: str | None, old: str) -> WarmStartSettings:
       raise WarmStartError(str(err)) from None
     return settings_from_gin(path, old)
   try:
-    text = open(path, encoding="utf-8").read()
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
   except UnicodeDecodeError as err:
     raise WarmStartError(f"Settings file {path} is not UTF-8 text: {err}") from None
   try:
@@ -124,6 +132,11 @@ def load_settings(path: str | None, old: str) -> WarmStartSettings:
       f"Settings file {path} must hold a mapping of WarmStartSettings fields, not {type(data).__name__}."
     )
   data = dict(data)
+  given = data.get("ckpt_to_initialize_from")
+  if given and os.fspath(given) != os.fspath(old):
+    logging.getLogger("flax_warmstart").warning(
+      "Settings file %s names ckpt_to_initialize_from=%s; reading OLD=%s as the command line says.", path, given, old
+    )
   data["ckpt_to_initialize_from"] = old
   return WarmStartSettings.from_dict(data)
 
@@ -212,12 +225,53 @@ def _plan(args: argparse.Namespace) -> tuple[Any, Any, Any]:
   return bind_leaves(build_plan(variables, leaves, old, settings), leaves, abstract_is_init=False), new, settings
 
 
+def _check_out(out: str, old: str, new: str, force: bool) -> str:
+  """Refuses an OUT that would harm OLD or NEW or that cannot be written, before anything is read or written."""
+  if not out:
+    raise WarmStartError("OUT is empty: give the directory to write the warm-started checkpoint to.")
+  if "://" in out:
+    return out
+  target = os.path.realpath(out)
+  for label, given in (("OLD", old), ("NEW", new)):
+    if "://" in given:
+      continue
+    inputs = {os.path.realpath(given)}
+    try:
+      inputs.add(os.path.realpath(os.fspath(locate(given)[0])))
+    except WarmStartError:
+      pass  # reported when the checkpoint is read
+    for src in inputs:
+      if target == src or target.startswith(src + os.sep) or src.startswith(target + os.sep):
+        raise WarmStartError(
+          f"OUT {out} is {'the same as' if target == src else 'inside or around'} {label} ({given}): writing it"
+          f" would {'replace' if target == src or src.startswith(target + os.sep) else 'change'} the checkpoint"
+          " being read. Choose an OUT outside both checkpoints."
+        )
+  if os.path.exists(target):
+    if not force:
+      raise WarmStartError(f"{out} exists; pass --force to overwrite it.")
+    if not os.path.isdir(target):
+      raise WarmStartError(f"OUT {out} is a file; give a directory to write the checkpoint to.")
+  parent = os.path.dirname(target)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise WarmStartError(f"Cannot write OUT {out}: {parent} is a file, not a directory.")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise WarmStartError(f"Cannot write OUT {out}: no permission to write in {parent}.")
+  return target
+
+
 def _run(args: argparse.Namespace) -> dict[str, Any]:
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
-  if os.path.exists(args.out) and not args.force:
-    raise WarmStartError(f"{args.out} exists; pass --force to overwrite it.")
+  out = _check_out(args.out, args.old, args.new, args.force)
   plan, new, _ = _plan(args)
+  if not plan.loaded and not args.allow_empty:
+    raise WarmStartError(
+      f"The settings load no leaf from {args.old}, so OUT would be a copy of NEW; nothing was written."
+      " Check vars_to_warm_start (flax-warmstart plan shows what each leaf does), or pass --allow-empty."
+    )
   with progress(not args.no_progress) as step:
     step(f"reading {args.new}")
     restored = new.restore(dict.fromkeys(new.variables))
@@ -227,8 +281,11 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     leaves = execute_leaves(plan, leaves, update=step)
     tree = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(new.tree), leaves)
     step(f"writing {args.out}")
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(os.path.abspath(args.out), tree, force=args.force)
+    try:
+      with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(out, tree, force=args.force)
+    except Exception as err:  # noqa: BLE001 (a file-system failure is the user's to fix: one line)
+      raise WarmStartError(f"Writing OUT {args.out} failed: {type(err).__name__}: {err}") from err
   return {"out": args.out, "summary": plan.summary()}
 
 
@@ -247,9 +304,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     1
   """
   args = _parser().parse_args(argv)
-  # force: importing orbax already gave the root logger absl's handler.
-  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
-  logging.getLogger("flax_warmstart").setLevel(logging.INFO if args.verbose else logging.WARNING)
+  with _logging_to_stderr(logging.INFO if args.verbose else logging.WARNING):
+    return _main(args)
+
+
+class _StderrHandler(logging.StreamHandler):
+  """Writes to whatever `sys.stderr` is when a record is emitted (so in-process callers may swap it)."""
+
+  @property
+  def stream(self) -> Any:  # type: ignore[override]
+    return sys.stderr
+
+  @stream.setter
+  def stream(self, value: Any) -> None:
+    del value
+
+
+@contextlib.contextmanager
+def _logging_to_stderr(level: int) -> Iterator[None]:
+  """Shows warnings (and with -v, the library's INFO) on stderr for one command; restores logging after.
+
+  Importing Orbax gives the root logger absl's handler; it is replaced for the
+  command's duration, so that `main(argv)` called in-process leaves the
+  caller's logging as it was.
+  """
+  root, ours = logging.getLogger(), logging.getLogger("flax_warmstart")
+  saved = (root.handlers[:], root.level, ours.level)
+  handler = _StderrHandler()
+  handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+  root.handlers[:] = [handler]
+  root.setLevel(logging.WARNING)
+  ours.setLevel(level)
+  try:
+    yield
+  finally:
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    ours.setLevel(saved[2])
+
+
+def _main(args: argparse.Namespace) -> int:
   try:
     if args.command == "inspect":
       info = _inspect(args)
@@ -269,6 +363,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
   except BrokenPipeError:  # e.g. `flax-warmstart plan ... | head`
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+  except OSError as err:  # a path that cannot be read or written: the user's to fix, in one line
+    print(f"flax-warmstart: error: {err}", file=sys.stderr)
+    return 1
   return 0
 
 

@@ -237,8 +237,30 @@ def warm_start(
   return execute(built, state, rng=rng, init_fn=init_fn, show_progress=show_progress)
 
 
-def has_checkpoint(run_dir: str | os.PathLike) -> bool:
-  """Whether a directory holds a finalized Orbax checkpoint to resume from.
+def _run_dir(run_dir: Any) -> str:
+  """Validates a run directory argument: a non-empty path that is not a file."""
+  if not isinstance(run_dir, str | os.PathLike):
+    raise WarmStartError(
+      f"run_dir must be this run's checkpoint directory (str or os.PathLike), got {type(run_dir).__name__} {run_dir!r}."
+    )
+  path = os.fspath(run_dir)
+  if not path:
+    raise WarmStartError("run_dir is empty: give this run's checkpoint directory (its CheckpointManager root).")
+  if "://" not in path and os.path.isfile(path):
+    raise WarmStartError(
+      f"run_dir {path} is a file: give this run's checkpoint directory (its CheckpointManager root)."
+    )
+  return path
+
+
+def has_checkpoint(run_dir: PathLike) -> bool:
+  """Whether a run directory holds a checkpoint to resume from.
+
+  False only when there is nothing to resume: the directory does not exist,
+  is empty, or holds no step directory (a save still in progress or never
+  finished does not count). A directory whose latest step is damaged is not
+  "no checkpoint": that raises, so that a restarted run never falls back to
+  warm-starting over its own progress.
 
   Args:
     run_dir: A run's checkpoint directory (usually a `CheckpointManager` root).
@@ -246,26 +268,34 @@ def has_checkpoint(run_dir: str | os.PathLike) -> bool:
   Returns:
     True if `run_dir` is, or holds, a readable checkpoint.
 
+  Raises:
+    WarmStartError: If `run_dir` is not a directory path, or its latest step
+      (or the checkpoint it is) is damaged, naming it and what is wrong.
+
   Examples:
     >>> import tempfile
     >>> has_checkpoint(tempfile.mkdtemp())
     False
   """
+  path = _run_dir(run_dir)
   try:
-    orbax_source.locate(run_dir)
+    orbax_source.locate(path)
   except WarmStartError:
+    if orbax_source.holds_steps(path):
+      raise  # something is there, and it cannot be read: say so
     return False
   return True
 
 
 def warm_start_or_resume(
   state: State,
-  run_dir: str | os.PathLike,
+  run_dir: PathLike,
   ckpt_or_settings: CkptOrSettings | None = None,
   settings: WarmStartSettings | None = None,
   *,
   rng: jax.Array | None = None,
   init_fn: Callable[[], State] | None = None,
+  resume_step: int | None = None,
 ) -> State:
   """Resumes from the run's own checkpoint if it has one, else warm-starts.
 
@@ -276,6 +306,11 @@ def warm_start_or_resume(
   from its latest step (strictly: all must be there, with the same shapes);
   otherwise `warm_start(state, ckpt_or_settings, settings)` runs.
 
+  Resuming never falls back: if the run's latest step cannot be read, this
+  raises (naming the step and what is wrong) instead of warm-starting from
+  the old run or using an older step; pass `resume_step` to resume from an
+  older step on purpose.
+
   Args:
     state: The live state, freshly initialised, or abstract (see `warm_start`).
     run_dir: This run's checkpoint directory (its `CheckpointManager` root).
@@ -284,13 +319,16 @@ def warm_start_or_resume(
     rng: As for `warm_start`.
     init_fn: As for `warm_start`: computes the leaves of an abstract state
       that the warm start does not load (a resume loads every leaf).
+    resume_step: Resume from this step of `run_dir` (its directory must be
+      there and readable) instead of the latest.
 
   Returns:
     The resumed or warm-started state.
 
   Raises:
-    WarmStartError: As for `warm_start`, or if the run's own checkpoint does
-      not hold every leaf of `state`.
+    WarmStartError: As for `warm_start`; if `run_dir` is not a directory
+      path; if the run's checkpoint is damaged; or if it does not hold every
+      leaf of `state`.
 
   Examples:
     >>> import tempfile, jax.numpy as jnp, orbax.checkpoint as ocp
@@ -301,9 +339,16 @@ def warm_start_or_resume(
     >>> state["w"].item()
     1.0
   """
-  if has_checkpoint(run_dir):
-    logger.info("Resuming from %s, which already holds a checkpoint; not warm-starting.", os.fspath(run_dir))
-    return warm_start(state, WarmStartSettings(run_dir, vars_to_warm_start=[".*"]))
+  path = _run_dir(run_dir)
+  if resume_step is not None:
+    if not isinstance(resume_step, int) or isinstance(resume_step, bool):
+      raise WarmStartError(f"resume_step must be a step number (int), got {resume_step!r}.")
+    step_dir = orbax_source.step_directory(path, resume_step)
+    logger.warning("Resuming from step %d of %s, as asked (resume_step), not from its latest step.", resume_step, path)
+    return warm_start(state, WarmStartSettings(step_dir, vars_to_warm_start=[".*"]))
+  if has_checkpoint(path):
+    logger.info("Resuming from %s, which already holds a checkpoint; not warm-starting.", path)
+    return warm_start(state, WarmStartSettings(path, vars_to_warm_start=[".*"]))
   return warm_start(state, ckpt_or_settings, settings, rng=rng, init_fn=init_fn)
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from flax_warmstart._src import hostread, report
 from flax_warmstart._src import transform as transform_lib
+from flax_warmstart._src.errors import WarmStartError
 from flax_warmstart._src.planning import Action, LeafPlan, WarmStartPlan
 
 # Reads into our own buffers keep at most max(this, a tenth of their bytes) in flight.
@@ -103,11 +104,13 @@ def read_inputs(
   direct: dict[int, hostread.Read] = {}
   targets: dict[int, dict[str, jax.ShapeDtypeStruct | None]] = {id(c): {} for c in plan.checkpoints}
   for c in plan.checkpoints:
+    c.check_unchanged()
     mine = [i for i in loading if plan.leaves[i].checkpoint is c]
     stores = c.open_arrays({plan.leaves[i].source for i in mine if host_target(plan.leaves[i], live[i])})
     for i in mine:
       row = plan.leaves[i]
       if row.source in stores:
+        _check_shape(row, tuple(stores[row.source].shape))
         direct[i] = _host_read(stores[row.source], row, live[i])
       elif row.source not in targets[id(c)]:
         targets[id(c)][row.source] = restore_spec(live[i], row)
@@ -124,5 +127,17 @@ def read_inputs(
     if i in direct:
       out[i] = Fetched(direct.pop(i).out, taken=row.take is not None)
     else:
-      out[i] = Fetched(restored[id(row.checkpoint)][row.source])
+      value = restored[id(row.checkpoint)][row.source]
+      _check_shape(row, tuple(np.shape(value)))
+      out[i] = Fetched(value)
   return out
+
+
+def _check_shape(row: LeafPlan, found: tuple[int, ...]) -> None:
+  """A tensor read must have the shape the plan was made for (the checkpoint may have been rewritten)."""
+  if row.source_shape is not None and found != tuple(row.source_shape):
+    raise WarmStartError(
+      f"Checkpoint tensor {row.source!r} (for {row.name!r}) in {row.checkpoint.describe()} has shape {found},"
+      f" but the plan was made for {tuple(row.source_shape)}: the checkpoint changed after it was planned from."
+      " Build the plan again for the checkpoint as it is now."
+    )

@@ -49,6 +49,15 @@ class Source:
     """Where the tensors are read from (the resolved directory), for reports."""
     return self.requested
 
+  def check_unchanged(self) -> None:
+    """Raises `WarmStartError` if the checkpoint changed on disk since its metadata was read.
+
+    The read stage calls it before reading, so that a plan made before the
+    checkpoint was rewritten is never executed against the new files. The
+    default checks nothing; file-based sources compare what they recorded
+    when opened (e.g. the metadata file's size and modification time).
+    """
+
   def open_arrays(self, names: Iterable[str]) -> dict[str, Any]:
     """Saved arrays that can be read lazily, part by part, into buffers of our own.
 

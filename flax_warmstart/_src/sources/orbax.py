@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -30,8 +31,7 @@ from flax_warmstart._src.sources.base import Source
 from flax_warmstart._src.sources.orbax_metadata import ITEM_FILE, metadata_tree, ts_context
 
 _STEP_NAME = re.compile(r"^(?:.*_)?(\d+)$")
-# Item names tried, in order, when a step directory holds several PyTree items.
-_PREFERRED_ITEMS = ("default", "state", "train_state")
+_CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -45,6 +45,7 @@ class OrbaxSource(Source):
     variables: Checkpoint name -> `Variable` (shape, dtype), in tree order.
     tree: The checkpoint's metadata tree.
     use_zarr3: Whether arrays are stored as zarr v3.
+    fingerprint: `(size, mtime_ns)` of the item's `_METADATA` when it was read.
   """
 
   format: ClassVar[str] = "orbax"
@@ -54,6 +55,7 @@ class OrbaxSource(Source):
   variables: Mapping[str, Variable]
   tree: Any
   use_zarr3: bool = False
+  fingerprint: tuple[int, int] | None = None
 
   @functools.cached_property
   def metadata_leaves(self) -> list[Any]:
@@ -63,6 +65,15 @@ class OrbaxSource(Source):
   @property
   def location(self) -> str:
     return str(self.path)
+
+  def check_unchanged(self) -> None:
+    now = _fingerprint(self.path)
+    if now != self.fingerprint:
+      raise WarmStartError(
+        f"Checkpoint {self.describe()} changed on disk after it was planned from (its {ITEM_FILE} was"
+        f" {'removed' if now is None else 'rewritten'}); nothing was read. Build the plan again"
+        " (flax_warmstart.plan) for the checkpoint as it is now."
+      )
 
   def open_arrays(self, names: Iterable[str]) -> dict[str, ts.TensorStore]:
     return open_arrays(self, names)
@@ -130,28 +141,34 @@ def open_orbax(
   scores = {c.path.name: len(prefer & set(c.variables)) for c in candidates}
   best = max(scores.values())
   winners = [c for c in candidates if scores[c.path.name] == best]
-  if len(winners) > 1:
-    named = [c for c in winners if c.path.name in _PREFERRED_ITEMS]
-    winners = sorted(named, key=lambda c: _PREFERRED_ITEMS.index(c.path.name))[:1] or winners
-  if len(winners) == 1:
+  if len(winners) == 1 and best > 0:
     return winners[0]
+  tied = ", ".join(f"{c.path.name!r} ({scores[c.path.name]} of the state's names)" for c in winners)
   raise WarmStartError(
-    f"Checkpoint step {path} holds several items ({sorted(by_name)}) and none"
-    " matches the state better than the others. Name the one to read with"
-    " WarmStartSettings(ckpt_item=...)."
+    f"Checkpoint step {path} holds several items and {len(winners)} match the state equally well: {tied}."
+    " Name the one to read with WarmStartSettings(ckpt_item=...) (on the command line: --item)."
   )
 
 
 def locate(location: str | os.PathLike) -> tuple[epath.Path, int | None]:
   """Resolves a location to a checkpoint directory (a manager root to its latest step).
 
+  A manager root resolves to its latest step only: when that step is damaged
+  (no `_METADATA` in it or its items) this is an error naming it, never a
+  silent fall back to an older step; give the older step's directory to use
+  it. A directory Orbax is still writing (`*.orbax-checkpoint-tmp-*`) is
+  refused, as Orbax refuses it.
+
   Returns:
     `(directory, step)`; `step` is None when the location names none.
 
   Raises:
-    WarmStartError: Saying what was looked for, if there is no checkpoint.
+    WarmStartError: Saying what was looked for, if there is no checkpoint, or
+      what is wrong with a damaged or unfinished one.
   """
   requested = os.fspath(location)
+  if not requested:
+    raise WarmStartError("No checkpoint location given (an empty path). Give a checkpoint directory.")
   # Orbax needs absolute local paths; URLs (gs://...) are left as they are.
   path = epath.Path(requested if "://" in requested else os.path.abspath(requested))
   if not path.exists():
@@ -163,14 +180,35 @@ def locate(location: str | os.PathLike) -> tuple[epath.Path, int | None]:
     raise WarmStartError(
       f"No checkpoint at {requested}: it is a file. Give the checkpoint's directory (perhaps {path.parent})."
     )
+  if _is_tmp(path):
+    raise WarmStartError(
+      f"{requested} is a checkpoint that Orbax is still writing, or whose save never finished (its name ends"
+      " in .orbax-checkpoint-tmp-*); Orbax does not read it either. Wait for the save to finish, or use a"
+      " finalized step."
+    )
   if _is_item(path) or _item_dirs(path):
+    _check_items(path, requested)
+    _step_metadata(path)  # raises if damaged
     return path, _step_of(path)
-  steps = _step_dirs(path)
-  if steps:
-    step, step_dir = max(steps)
+  candidates = _numbered_dirs(path)
+  if candidates:
+    step, step_dir = max(candidates)
+    damage = _damage(step_dir)
+    if damage:
+      older = [s for s, d in sorted(candidates, reverse=True)[1:] if not _damage(d)]
+      hint = (
+        f" To use the older step {older[0]}, give its directory ({step_dir.parent / str(older[0])}) explicitly."
+        if older
+        else ""
+      )
+      raise WarmStartError(
+        f"The latest step of {requested}, {step_dir.name}, is damaged: {damage}. It is not read, and no older"
+        f" step is used in its place.{hint} Or remove the damaged step directory if it is garbage. {DAMAGED_HINT}"
+      )
+    _check_items(step_dir, requested)
     return step_dir, step
   listing = sorted(p.name for p in path.iterdir())[:10]
-  if any(ocp.path.step.is_tmp_checkpoint(p) for p in path.iterdir()):
+  if any(_is_tmp(p) for p in path.iterdir()):
     raise WarmStartError(
       f"No finalized Orbax checkpoint at {requested} yet: a save is still in progress ({listing})."
       " CheckpointManager saves asynchronously; call mgr.wait_until_finished() before reading it."
@@ -181,6 +219,76 @@ def locate(location: str | os.PathLike) -> tuple[epath.Path, int | None]:
     " default/), and a CheckpointManager root (with finalized numbered step"
     f" directories); found {listing or 'an empty directory'}."
   )
+
+
+def holds_steps(location: str | os.PathLike) -> bool:
+  """Whether a directory holds anything that looks like a checkpoint: a step directory or item, readable or not."""
+  path = epath.Path(location if "://" in os.fspath(location) else os.path.abspath(location))
+  if not path.is_dir():
+    return False
+  return _is_item(path) or bool(_numbered_dirs(path)) or any(p.is_dir() and _is_item(p) for p in path.iterdir())
+
+
+def step_directory(root: str | os.PathLike, step: int) -> str:
+  """The directory of step `step` of a manager root (`root/<step>` or `root/<prefix>_<step>`).
+
+  Raises:
+    WarmStartError: If the root has no such step, listing the steps it has.
+  """
+  path = epath.Path(root if "://" in os.fspath(root) else os.path.abspath(root))
+  steps = dict(_numbered_dirs(path)) if path.is_dir() else {}
+  if step not in steps:
+    raise WarmStartError(f"{os.fspath(root)} has no step {step}; its steps are {sorted(steps) or 'none'}.")
+  return os.fspath(steps[step])
+
+
+def _is_tmp(path: epath.Path) -> bool:
+  return ".orbax-checkpoint-tmp" in path.name or ocp.path.step.is_tmp_checkpoint(path)
+
+
+def _numbered_dirs(path: epath.Path) -> list[tuple[int, epath.Path]]:
+  """A manager root's step directories (named like steps, finalized by name), readable or not."""
+  out = []
+  for p in path.iterdir():
+    match = _STEP_NAME.match(p.name)
+    if match and p.is_dir() and not _is_tmp(p):
+      out.append((int(match.group(1)), p))
+  return out
+
+
+def _damage(step_dir: epath.Path) -> str:
+  """What is wrong with a step directory, or '' if it holds readable items."""
+  try:
+    _step_metadata(step_dir)
+  except WarmStartError:
+    return f"its {_CHECKPOINT_METADATA} file cannot be read"
+  if _is_item(step_dir):
+    return ""
+  subdirs = [p for p in step_dir.iterdir() if p.is_dir()]
+  if not subdirs:
+    return f"it holds no checkpoint (no {ITEM_FILE} file and no item directories)"
+  if not any(_is_item(p) for p in subdirs):
+    names = ", ".join(sorted(p.name for p in subdirs)[:5])
+    return f"its item directories ({names}) have no {ITEM_FILE} file"
+  if not ocp.path.step.is_checkpoint_finalized(step_dir):
+    return "its save did not finish"
+  return ""
+
+
+def _check_items(path: epath.Path, requested: str) -> None:
+  """Raises if a step directory has an item directory that looks like a PyTree item but lacks its metadata."""
+  if _is_item(path):
+    return
+  broken = [
+    p.name
+    for p in path.iterdir()
+    if p.is_dir() and not _is_item(p) and any(q.name in ("manifest.ocdbt", "d", "array_metadatas") for q in p.iterdir())
+  ]
+  if broken:
+    raise WarmStartError(
+      f"Checkpoint step {path} (from {requested}) is damaged: item(s) {sorted(broken)} hold array data but no"
+      f" {ITEM_FILE} file. {DAMAGED_HINT}"
+    )
 
 
 def _is_item(path: epath.Path) -> bool:
@@ -210,11 +318,22 @@ def _step_of(path: epath.Path) -> int | None:
 
 
 def _step_metadata(path: epath.Path) -> ocp.metadata.StepMetadata | None:
-  """A directory's `_CHECKPOINT_METADATA`, through Orbax's public reader; None if absent or unreadable."""
-  try:
-    return ocp.metadata.get_step_metadata(path)
-  except (OSError, ValueError, TypeError, KeyError, AttributeError):
+  """A directory's `_CHECKPOINT_METADATA`, through Orbax's public reader; None if absent.
+
+  Raises:
+    WarmStartError: If the file exists but cannot be read (truncated, zeroed, not JSON).
+  """
+  file = path / _CHECKPOINT_METADATA
+  if not file.exists():
     return None
+  try:
+    json.loads(file.read_text())  # checked here first: Orbax's reader logs an ERROR and returns None
+    return ocp.metadata.get_step_metadata(path)
+  except Exception as err:  # noqa: BLE001 (any parse failure is damage, reported with the path)
+    raise WarmStartError(
+      f"Checkpoint {path} is damaged: its {_CHECKPOINT_METADATA} file cannot be read"
+      f" ({type(err).__name__}: {err}). {DAMAGED_HINT}"
+    ) from err
 
 
 def _standalone(path: epath.Path) -> bool:
@@ -240,10 +359,40 @@ def _step_dirs(path: epath.Path) -> list[tuple[int, epath.Path]]:
   return steps
 
 
+def _fingerprint(path: epath.Path) -> tuple[int, int] | None:
+  try:
+    stat = os.stat(os.fspath(path / ITEM_FILE)) if "://" not in os.fspath(path) else None
+  except OSError:
+    return None
+  return None if stat is None else (stat.st_size, stat.st_mtime_ns)
+
+
 def _read(path: epath.Path, requested: str, step: int | None) -> OrbaxSource:
-  tree, use_zarr3 = metadata_tree(path)
+  fingerprint = _fingerprint(path)
+  try:
+    json.loads((path / ITEM_FILE).read_text())
+  except (OSError, ValueError) as err:  # truncated, zeroed, not UTF-8, not JSON
+    raise WarmStartError(
+      f"Checkpoint {path} is damaged: its {ITEM_FILE} file cannot be read ({type(err).__name__}: {err}). {DAMAGED_HINT}"
+    ) from err
+  try:
+    tree, use_zarr3 = metadata_tree(path)
+  except WarmStartError:
+    raise
+  except Exception as err:  # noqa: BLE001 (Orbax's own reader on a damaged checkpoint)
+    raise WarmStartError(
+      f"Checkpoint {path} is damaged: Orbax cannot read its metadata ({type(err).__name__}: {err}). {DAMAGED_HINT}"
+    ) from err
   variables = {v.name: v for v, _ in flatten_checkpoint_tree(tree)}
-  return OrbaxSource(path=path, requested=requested, step=step, variables=variables, tree=tree, use_zarr3=use_zarr3)
+  return OrbaxSource(
+    path=path,
+    requested=requested,
+    step=step,
+    variables=variables,
+    tree=tree,
+    use_zarr3=use_zarr3,
+    fingerprint=fingerprint,
+  )
 
 
 def open_arrays(source: OrbaxSource, names: Iterable[str]) -> dict[str, ts.TensorStore]:
