@@ -139,6 +139,12 @@ def execute_leaves(
   Returns:
     The new leaves.
   """
+  traced = next((i for i, x in enumerate(leaves) if isinstance(x, jax.core.Tracer)), None)
+  if traced is not None:
+    raise WarmStartError(
+      f"The state's leaf {plan.leaves[traced].name!r} is a tracer: warm_start reads checkpoint files and cannot"
+      " run inside jax.jit (or vmap, grad). Call it once, outside any transformation, before training."
+    )
   live = [_placed(x) for x in leaves]
   plan = bind_leaves(plan, leaves, abstract_is_init=True)
   keys = {i: None if rng is None else jax.random.fold_in(rng, i) for i in range(len(leaves))}
@@ -191,6 +197,11 @@ def _init_leaves(init_fn: Callable[[], Any] | None, indices: list[int], plan: Wa
   initialised, and each output is made directly with its leaf's sharding.
   """
   names = [plan.leaves[i].name for i in indices]
+  if init_fn is not None and not callable(init_fn):
+    raise WarmStartError(
+      f"init_fn must be a function of no arguments returning the freshly initialised state, got"
+      f" {type(init_fn).__name__} {init_fn!r}."
+    )
   if init_fn is None:
     shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     raise WarmStartError(
@@ -200,7 +211,17 @@ def _init_leaves(init_fn: Callable[[], Any] | None, indices: list[int], plan: Wa
     )
 
   def fresh() -> list[Any]:
-    variables, values, _ = flatten_state(unwrap_split(init_fn()))
+    try:
+      made = init_fn()
+    except WarmStartError:
+      raise
+    except Exception as err:
+      raise WarmStartError(
+        f"init_fn ({getattr(init_fn, '__qualname__', type(init_fn).__name__)}) failed: {type(err).__name__}:"
+        f" {err}. It is called with no arguments (bind them with functools.partial) and must return the freshly"
+        f" initialised state; it computes the {len(names)} leaves not loaded, e.g. {names[0]!r}."
+      ) from err
+    variables, values, _ = flatten_state(unwrap_split(made))
     if [v.name for v in variables] != [row.name for row in plan.leaves]:
       theirs, ours = {v.name for v in variables}, {row.name for row in plan.leaves}
       raise WarmStartError(

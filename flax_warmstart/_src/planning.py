@@ -377,7 +377,17 @@ def select(
     matchers = [matcher(p, problems) for p in spec]
     grouped = {v.name for v in variables if any(m(v.name) for m in matchers)}
   else:
-    grouped = {v.name for v, leaf in zip(variables, leaves, strict=True) if spec(v.name, leaf)}
+    grouped = set()
+    for v, leaf in zip(variables, leaves, strict=True):
+      try:
+        chosen = spec(v.name, leaf)
+      except Exception as err:
+        raise WarmStartError(
+          f"The vars_to_warm_start callable ({getattr(spec, '__qualname__', type(spec).__name__)}) failed on"
+          f" {v.name!r}: {type(err).__name__}: {err}. It is called as fn(name, leaf) -> bool for every leaf."
+        ) from err
+      if chosen:
+        grouped.add(v.name)
   return set(grouped), grouped, problems
 
 
@@ -438,6 +448,11 @@ def check_can_reset(state: Any) -> None:
     raise WarmStartError(
       "optimizer_state='reset' needs the live optimizer (state.tx), which a checkpoint does not hold;"
       " NEW's optimizer state already is its fresh init, so use optimizer_state='keep'."
+    )
+  if all(hasattr(state, attr) for attr in ("tx", "params", "opt_state", "replace")) and state.tx is None:
+    raise WarmStartError(
+      "optimizer_state='reset' needs the state's optimizer, but state.tx is None. Create the TrainState with its"
+      " optimizer (TrainState.create(..., tx=optax.adam(...))), or use optimizer_state='keep'."
     )
   if not all(hasattr(state, attr) for attr in ("tx", "params", "opt_state", "replace")):
     raise WarmStartError(

@@ -233,19 +233,34 @@ def _with_axis(shape: tuple[int, ...], axis: int, size: int) -> tuple[int, ...]:
 
 
 def _call(init: Any, key: jax.Array | None, shape: tuple[int, ...], dtype: Any, name: str) -> jax.Array:
-  """Calls a backup initializer; a failure without a key asks for `rng`."""
+  """Calls a user's backup initializer; any failure is a `WarmStartError` naming the leaf and the setting."""
+  setting = f"var_name_to_vocab_info[{name!r}].backup_initializer ({_describe_callable(init)})"
+  if isinstance(init, type) and issubclass(init, NEW_ROW_INITIALIZERS):
+    raise WarmStartError(f"{setting} is the class {init.__name__}; pass an instance: {init.__name__}().")
   try:
     out = init(key, shape, dtype)
   except Exception as err:
     if key is None:
-      raise WarmStartError(
-        f"The backup_initializer of {name!r} failed without a random key ({type(err).__name__}: {err})."
-        " If it draws random numbers, pass rng=jax.random.key(...) to warm_start."
-      ) from err
-    raise
+      hint = " If it draws random numbers, pass rng=jax.random.key(...) to warm_start."
+    else:
+      hint = " It is called as init(key, shape, dtype) -> array, like a jax.nn.initializers initializer."
+    if isinstance(err, TypeError):
+      hint += " An initializer factory must be called first: jax.nn.initializers.normal(0.02), not .normal."
+    raise WarmStartError(
+      f"{setting} failed when asked for shape {shape} {np.dtype(dtype)}: {type(err).__name__}: {err}.{hint}"
+    ) from err
+  if callable(out) and not hasattr(out, "shape"):
+    raise WarmStartError(
+      f"{setting} returned a function, not an array: it looks like an initializer factory that was not called."
+      " Call it first, e.g. jax.nn.initializers.normal(0.02) rather than jax.nn.initializers.normal."
+    )
   if tuple(np.shape(out)) != shape:
-    raise WarmStartError(f"The backup_initializer of {name!r} returned shape {np.shape(out)} when asked for {shape}.")
+    raise WarmStartError(f"{setting} returned shape {np.shape(out)} when asked for {shape}.")
   return jnp.asarray(out, dtype)
+
+
+def _describe_callable(fn: Any) -> str:
+  return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
 def initial_fill(
