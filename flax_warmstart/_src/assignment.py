@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 
 from flax_warmstart._src.errors import WarmStartError, did_you_mean
 from flax_warmstart._src.naming import Variable
-from flax_warmstart._src.planning import Action, LeafPlan, Reason, WarmStartPlan
+from flax_warmstart._src.planning import Action, LeafPlan, Reason, WarmStartPlan, log_warnings
 from flax_warmstart._src.sources import Source
 
 AssignmentMap = Mapping[str, str] | Sequence[tuple[str, str]]
@@ -136,4 +136,12 @@ def build_assignment_plan(
       rows.append(LeafPlan.loaded_from(v, checkpoint, ckpt[tensor], f"assignment {pair}", Reason.ASSIGNED))
     else:
       rows.append(LeafPlan.unloaded(v, Action.KEEP, "not in assignment_map", Reason.NOT_ASSIGNED))
-  return WarmStartPlan(checkpoints=(checkpoint,), leaves=tuple(rows), sources=(assignment_map,))
+  warnings = []
+  if not assigned:
+    warnings.append(
+      f"The assignment_map {'is empty' if not _pairs(assignment_map) else 'assigns no variable'}: nothing is"
+      f" loaded from {where} (TensorFlow would do the same silently)."
+    )
+  return WarmStartPlan(
+    checkpoints=(checkpoint,), leaves=tuple(rows), sources=(assignment_map,), warnings=log_warnings(warnings)
+  )

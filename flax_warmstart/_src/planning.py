@@ -215,6 +215,10 @@ class WarmStartPlan:
     leaves: One `LeafPlan` per leaf of the live state.
     sources: What the plan was built from: `WarmStartSettings` or an
       assignment map, one per checkpoint source.
+    warnings: What looks wrong but is carried out as asked (TensorFlow does
+      the same silently): a selection that loads nothing, a vocabulary that
+      matches no old token. Logged at WARNING when the plan is built, and
+      shown by `print(plan)`, `to_dict()` and the command line.
 
   Examples:
     >>> import tempfile, jax.numpy as jnp, orbax.checkpoint as ocp
@@ -233,6 +237,7 @@ class WarmStartPlan:
   checkpoints: tuple[Source, ...]
   leaves: tuple[LeafPlan, ...]
   sources: tuple[Any, ...]
+  warnings: tuple[str, ...] = ()
 
   @property
   def loaded(self) -> tuple[LeafPlan, ...]:
@@ -580,7 +585,25 @@ def build_plan(
   problems += renamer.unused_rules([v.name for v in variables], warm)
   if problems:
     raise WarmStartError(problems, header=f"Cannot warm-start from {where}")
-  return WarmStartPlan(checkpoints=(checkpoint,), leaves=tuple(rows), sources=(settings,))
+  warnings = [w for remap in remaps.values() if remap is not None for w in getattr(remap.mapping, "warnings", ())]
+  if not any(row.action in (Action.LOAD, Action.RESET) for row in rows):
+    chosen = "selects no variable" if not warm else f"selects {len(warm)} variables, none of which is loaded"
+    warnings.insert(
+      0,
+      f"vars_to_warm_start={settings.vars_to_warm_start!r} {chosen}: nothing is loaded from {where}"
+      " (TensorFlow would do the same silently). Check the regexes against flax_warmstart.variable_names(state).",
+    )
+  return WarmStartPlan(
+    checkpoints=(checkpoint,), leaves=tuple(rows), sources=(settings,), warnings=log_warnings(warnings)
+  )
+
+
+def log_warnings(warnings: Sequence[str]) -> tuple[str, ...]:
+  """Logs each warning of a plan being built at WARNING, once; returns them for the plan."""
+  out = tuple(dict.fromkeys(warnings))
+  for warning in out:
+    logger.warning("%s", warning)
+  return out
 
 
 def combine(plans: Sequence[WarmStartPlan], overlap: str = "error") -> WarmStartPlan:
@@ -619,7 +642,12 @@ def combine(plans: Sequence[WarmStartPlan], overlap: str = "error") -> WarmStart
   if problems:
     raise WarmStartError(problems, header="Several sources load the same variables")
   checkpoints = tuple({id(c): c for p in plans for c in p.checkpoints}.values())
-  return WarmStartPlan(checkpoints=checkpoints, leaves=tuple(rows), sources=tuple(s for p in plans for s in p.sources))
+  return WarmStartPlan(
+    checkpoints=checkpoints,
+    leaves=tuple(rows),
+    sources=tuple(s for p in plans for s in p.sources),
+    warnings=tuple(w for p in plans for w in p.warnings),
+  )
 
 
 def describe_sharding(leaf: Any) -> str:

@@ -70,7 +70,7 @@ def table(plan: WarmStartPlan) -> str:
     if scope is not None:
       lines.append(f"[{scope}] {len(rows)} leaves: {_counts(rows)}")
     lines += [line(_cells(row)) for row in rows]
-  return "\n".join(lines + _unused_lines(plan))
+  return "\n".join(lines + _unused_lines(plan) + [f"WARNING: {w}" for w in plan.warnings])
 
 
 def _unused_lines(plan: WarmStartPlan) -> list[str]:
@@ -106,6 +106,7 @@ def to_html(plan: WarmStartPlan) -> str:
     parts.append("</tbody>")
   parts.append("</table>")
   parts += [f'<p class="unused">{esc(line)}</p>' for line in _unused_lines(plan)]
+  parts += [f'<p class="warning">WARNING: {esc(w)}</p>' for w in plan.warnings]
   return "".join(parts)
 
 
@@ -153,4 +154,5 @@ def to_dict(plan: WarmStartPlan) -> dict[str, Any]:
     "bytes": plan.nbytes,
     "leaves": [_row_dict(plan, row) for row in plan.leaves],
     "unused": plan.unused_tensors(),
+    "warnings": list(plan.warnings),
   }
