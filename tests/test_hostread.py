@@ -110,15 +110,45 @@ def test_one_device_state_is_read_into_its_own_buffers(monkeypatch, saved):
   assert out["step"] == 3
 
 
-def test_sharded_state_is_read_by_orbax_shard_by_shard(monkeypatch, saved):
+@pytest.mark.parametrize("spec", [P(), P("x"), P(None, "x"), P("a", "b")])
+def test_sharded_state_is_read_shard_by_shard_into_its_own_buffers(monkeypatch, saved, spec):
+  """Each addressable shard is read on its own into an aligned buffer its device adopts; Orbax reads nothing."""
   table, path = saved
   seen = _orbax_targets(monkeypatch)
-  mesh = jax.make_mesh((8,), ("x",))
-  live = {"params": {"emb": jax.device_put(jnp.zeros((6, 5)), NamedSharding(mesh, P()))}}
+  mesh = jax.make_mesh((8,), ("x",)) if "a" not in spec else jax.make_mesh((2, 4), ("a", "b"))
+  big = np.arange(8 * 16, dtype=np.float32).reshape(8, 16)
+  path = save_checkpoint(path + "_big", {"params": {"emb": big}})
+  sharding = NamedSharding(mesh, spec)
+  live = {"params": {"emb": jax.device_put(jnp.zeros((8, 16)), sharding)}}
   out = fws.warm_start(live, path)
-  assert seen == ["emb"]
-  np.testing.assert_array_equal(out["params"]["emb"], table)
-  assert out["params"]["emb"].sharding == live["params"]["emb"].sharding
+  assert seen == []
+  np.testing.assert_array_equal(out["params"]["emb"], big)
+  assert out["params"]["emb"].sharding == sharding
+  for shard in out["params"]["emb"].addressable_shards:
+    assert shard.data.unsafe_buffer_pointer() % 64 == 0
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_a_sharded_remap_reads_each_shards_kept_rows(monkeypatch, tmp_path, axis):
+  """The gather runs per shard: only the old rows a shard keeps, of its columns; new rows filled in the shard."""
+  rng = np.random.default_rng(0)
+  old = rng.normal(size=(6, 12) if axis == 0 else (12, 6)).astype(np.float32)
+  path = save_checkpoint(tmp_path / "ckpt", {"t": old})
+  new_vocab = ["f", "x", "a", "c", "y", "b", "e", "d"]
+  info = fws.VocabInfo(new_vocab, 8, 0, list("abcdef"), backup_initializer=jax.nn.initializers.constant(7.0), axis=axis)
+  settings = fws.WarmStartSettings(path, vars_to_warm_start=[".*"], var_name_to_vocab_info={"t": info})
+  shape = (8, 12) if axis == 0 else (12, 8)
+  ref = fws.warm_start({"t": np.zeros(shape, np.float32)}, settings)["t"]
+  seen = _orbax_targets(monkeypatch)
+  mesh = jax.make_mesh((2, 4), ("a", "b"))
+  sharding = NamedSharding(mesh, P("a", "b"))
+  out = fws.warm_start({"t": jax.device_put(jnp.zeros(shape), sharding)}, settings)["t"]
+  assert seen == [] and out.sharding == sharding
+  np.testing.assert_array_equal(np.asarray(out), ref)
+  index = np.array([5, -1, 0, 2, -1, 1, 4, 3])
+  kept = np.take(old, index[index >= 0], axis=axis)
+  np.testing.assert_array_equal(np.take(np.asarray(out), np.flatnonzero(index >= 0), axis=axis), kept)
+  assert np.all(np.take(np.asarray(out), np.flatnonzero(index < 0), axis=axis) == 7.0)
 
 
 @pytest.fixture

@@ -161,12 +161,14 @@ def execute_leaves(
     update(f"Initialising {len(fresh)} leaves that are not loaded")
     for i, value in zip(fresh, _init_leaves(init_fn, fresh, plan, live), strict=True):
       new_leaves[i] = value
-  fetched = read_lib.read_inputs(plan, live, update)
+  fetched = read_lib.read_inputs(plan, live, update, fills)
   for i, row in enumerate(plan.leaves):
     if row.action is Action.LOAD:
       got = fetched.pop(i)
       value, take = got.value, row.take
-      if take is not None and got.taken:
+      if take is not None and got.filled:
+        pass
+      elif take is not None and got.taken:
         index = take.index
         transform_lib.fill_missing(value, index, fills[i], transform_lib.fill_index_of(take.remap), axis=take.axis)
       elif take is not None:

@@ -78,8 +78,27 @@ def _as_dtype(store: ts.TensorStore, dtype: Any) -> ts.TensorStore:
 
 
 def _host_copy(source: Any, index: tuple[Any, ...], out: np.ndarray, out_index: tuple[Any, ...] = ()) -> None:
-  """`out[out_index] = source[index]` for a numpy-like saved array (a `numpy.memmap`: only those pages are read)."""
-  out[out_index or (Ellipsis,)] = source[index] if index else np.asarray(source)
+  """`out[out_index] = source[index]` for a numpy-like saved array (a `numpy.memmap`: only those pages are read).
+
+  Copied in blocks of about `_PIECE_BYTES` along axis 0 (a whole array) or
+  along the gather axis (`out_index = (*lead, kept)`, old rows taken in file
+  order), so that no temporary holds more than a block and a source that maps
+  its file drops each block's pages.
+  """
+  axis = len(out_index) - 1 if index else 0
+  if out.ndim == 0 or out.nbytes <= _PIECE_BYTES or not out.shape[axis]:
+    out[out_index or (Ellipsis,)] = source[index] if index else np.asarray(source)
+    return
+  per = max(1, _PIECE_BYTES // (out.nbytes // out.shape[axis]))
+  if not index:
+    for start in range(0, out.shape[0], per):
+      out[start : start + per] = source[start : start + per]
+    return
+  kept, old = out_index[-1], index[axis]
+  order = np.argsort(old, kind="stable")
+  for start in range(0, len(order), per):
+    block = order[start : start + per]
+    out[(*out_index[:-1], kept[block])] = source[(*index[:axis], old[block], *index[axis + 1 :])]
 
 
 def whole(store: ts.TensorStore | np.ndarray, dtype: Any, *, label: str = "a tensor") -> Read:
@@ -120,6 +139,7 @@ def rows(
   dtype: Any,
   axis: int,
   *,
+  window: tuple[slice, ...] | None = None,
   label: str = "a tensor",
 ) -> Read:
   """A read of old rows into their new places: `out[..., i, ...] = old[..., index[i], ...]` where `index[i] >= 0`.
@@ -133,6 +153,9 @@ def rows(
     shape: The new table's shape.
     dtype: Its dtype.
     axis: The vocabulary axis.
+    window: For a device's shard: the slice of every other axis of the old
+      table to read (the slice at `axis` is ignored); by default the leading
+      `shape[d]` entries (TensorFlow's rule, see `arrays.leading`).
     label: What is read, from where, for an error message.
 
   Returns:
@@ -155,15 +178,47 @@ def rows(
     raise ValueError(f"The old table {tuple(store.shape)} is smaller than {shape} off axis {axis}.")
   kept = np.flatnonzero(index >= 0)
   lead = (slice(None),) * axis
+  region = leading(shape, axis, len(store.shape)) if window is None else window
+  region = tuple(slice(None) if d == axis else s for d, s in enumerate(region))
   if not isinstance(store, ts.TensorStore):
-    source_index = tuple(index[kept] if d == axis else s for d, s in enumerate(leading(shape, axis, len(store.shape))))
+    source_index = tuple(index[kept] if d == axis else s for d, s in enumerate(region))
     return Read(out, out.nbytes, lambda: _threads.submit(_host_copy, store, source_index, out, (*lead, kept)), label)
-  chunk = _single_chunk(store)
+  chunk = _single_chunk(store) if window is None else None
   if chunk is not None and axis in (0, 1):
     return Read(out, out.nbytes, lambda: _threads.submit(_stream_rows, chunk, out, index, axis), label)
-  source = _as_dtype(store, dtype)[leading(shape, axis)]
+  source = _as_dtype(store, dtype)[region].translate_to[0]
   target = ts.array(out).oindex[(*lead, kept)]
   source = source.oindex[(*lead, index[kept])]
+  return Read(out, out.nbytes, lambda: target.write(source), label)
+
+
+def region(
+  store: ts.TensorStore | np.ndarray, index: tuple[slice, ...], dtype: Any, *, label: str = "a tensor"
+) -> Read:
+  """A read of one rectangular region of a saved array (a device's shard), cast to `dtype`, into a new aligned buffer.
+
+  Args:
+    store: The saved array (a TensorStore or a numpy-like array, see `whole`).
+    index: One slice per axis (as `Sharding.addressable_devices_indices_map` gives).
+    dtype: The dtype to read it as.
+    label: What is read, from where, for an error message.
+
+  Returns:
+    The read, not yet started (see `run`).
+
+  Examples:
+    >>> import numpy as np, tensorstore as ts
+    >>> read = region(ts.array(np.arange(12, dtype=np.float32).reshape(4, 3)), (slice(2, 4), slice(None)), "float32")
+    >>> run([read], max_bytes_in_flight=1 << 20)
+    >>> read.out.tolist()
+    [[6.0, 7.0, 8.0], [9.0, 10.0, 11.0]]
+  """
+  index = tuple(index) + (slice(None),) * (len(store.shape) - len(index))
+  shape = tuple(len(range(*s.indices(n))) for s, n in zip(index, store.shape, strict=True))
+  out = aligned_empty(shape, dtype)
+  if not isinstance(store, ts.TensorStore):  # basic slicing of a memmap is a view: copied without a temporary
+    return Read(out, out.nbytes, lambda: _threads.submit(np.copyto, out, store[index], casting="unsafe"), label)
+  source, target = _as_dtype(store, dtype)[index].translate_to[0], ts.array(out)
   return Read(out, out.nbytes, lambda: target.write(source), label)
 
 
@@ -176,6 +231,11 @@ class _Chunk:
   zstd: bool
   dtype: np.dtype
   shape: tuple[int, ...]
+
+
+def is_single_chunk(store: Any) -> bool:
+  """Whether a saved array is one large chunk that `whole` and `rows` stream (reading slices of it would decode it whole)."""
+  return isinstance(store, ts.TensorStore) and _single_chunk(store) is not None
 
 
 def _single_chunk(store: ts.TensorStore) -> _Chunk | None:

@@ -26,7 +26,7 @@ import numpy as np
 
 from flax_warmstart._src import report
 from flax_warmstart._src.errors import WarmStartError, did_you_mean
-from flax_warmstart._src.naming import Variable
+from flax_warmstart._src.naming import Variable, load_problem
 from flax_warmstart._src.rename import PREV, Renamer
 from flax_warmstart._src.settings import WarmStartSettings
 from flax_warmstart._src.sources import Source
@@ -86,6 +86,7 @@ class Reason(enum.StrEnum):
   NOT_ASSIGNED = "not_assigned"
   RULE_KEEPS = "rule_keeps"  # a rename rule with template None
   MISSING_SKIPPED = "missing_skipped"  # skip_missing=True and no such tensor
+  RNG_NOT_IN_CHECKPOINT = "rng_not_in_checkpoint"  # RNG stream state the checkpoint does not hold keeps its own
   FACTORED_SLOT = "factored_slot"  # a factored slot cannot follow a vocabulary remap
   POLICY_KEEP = "policy_keep"  # optimizer_state='keep' or step='keep' overrides the selection
   POLICY_RESET = "policy_reset"  # optimizer_state='reset' or step='reset'
@@ -113,6 +114,9 @@ class LeafPlan:
       `"var_name_to_prev_var_name"`), or None.
     step_leaf: Whether the leaf is the training step (`is_step`).
     sharding: The live leaf's (target) sharding, in words.
+    kind: What the leaf holds (`Variable.label`): `array`, `scalar`,
+      `key<threefry2x32>` (shape and dtype are its key data's), `str`,
+      `object`.
 
   Examples:
     >>> import numpy as np
@@ -138,6 +142,7 @@ class LeafPlan:
   renamed_by: str | None = None
   step_leaf: bool = False
   sharding: str = ""
+  kind: str = "array"
 
   @property
   def cast(self) -> bool:
@@ -163,7 +168,9 @@ class LeafPlan:
   @classmethod
   def unloaded(cls, v: Variable, action: Action, reason: str, code: Reason, reset: Reset | None = None) -> LeafPlan:
     """A `KEEP` or `RESET` row for a live leaf."""
-    return cls(v.name, action, reason, code, shape=v.shape, dtype=v.dtype, reset=reset, step_leaf=is_step(v))
+    return cls(
+      v.name, action, reason, code, shape=v.shape, dtype=v.dtype, reset=reset, step_leaf=is_step(v), kind=v.label
+    )
 
   @classmethod
   def loaded_from(
@@ -195,6 +202,7 @@ class LeafPlan:
       checkpoint=checkpoint,
       renamed_by=renamed_by,
       step_leaf=is_step(v),
+      kind=v.label,
     )
 
   @property
@@ -543,6 +551,13 @@ def build_plan(
       continue
     via = f" (renamed from {v.name!r} by {how})" if how else ""
     found = ckpt.get(source)
+    if found is None and v.rng:
+      reason = f"RNG stream state, not in the checkpoint as {source!r}: keeps its own"
+      rows.append(LeafPlan.unloaded(v, Action.KEEP, reason, Reason.RNG_NOT_IN_CHECKPOINT))
+      continue
+    if found is not None and (why := load_problem(v, found)) is not None:
+      problems.append(f"{v.name!r} cannot load from checkpoint tensor {source!r}{via}: {why}.")
+      continue
     if found is None:
       if settings.skip_missing:
         reason = f"missing from checkpoint as {source!r} (skip_missing)"
@@ -585,17 +600,17 @@ def build_plan(
   problems += renamer.unused_rules([v.name for v in variables], warm)
   if problems:
     raise WarmStartError(problems, header=f"Cannot warm-start from {where}")
-  warnings = [w for remap in remaps.values() if remap is not None for w in getattr(remap.mapping, "warnings", ())]
+  own = []
   if not any(row.action in (Action.LOAD, Action.RESET) for row in rows):
     chosen = "selects no variable" if not warm else f"selects {len(warm)} variables, none of which is loaded"
-    warnings.insert(
-      0,
+    own.append(
       f"vars_to_warm_start={settings.vars_to_warm_start!r} {chosen}: nothing is loaded from {where}"
-      " (TensorFlow would do the same silently). Check the regexes against flax_warmstart.variable_names(state).",
+      " (TensorFlow would do the same silently). Check the regexes against flax_warmstart.variable_names(state)."
     )
-  return WarmStartPlan(
-    checkpoints=(checkpoint,), leaves=tuple(rows), sources=(settings,), warnings=log_warnings(warnings)
-  )
+  # The vocabulary mapping logged its own warnings when it was built.
+  vocab_warnings = [w for remap in remaps.values() if remap is not None for w in remap.mapping.warnings]
+  warnings = log_warnings(own) + tuple(dict.fromkeys(vocab_warnings))
+  return WarmStartPlan(checkpoints=(checkpoint,), leaves=tuple(rows), sources=(settings,), warnings=warnings)
 
 
 def log_warnings(warnings: Sequence[str]) -> tuple[str, ...]:

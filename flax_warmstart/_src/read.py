@@ -2,16 +2,22 @@
 
 One place decides, per tensor, between:
 
-* **our own buffers** (`hostread`): in a single process, where the target is
-  host memory or a single CPU device and the source hands out its arrays
-  (`Source.open_arrays`: Orbax's TensorStore arrays). Each tensor (for a
-  vocabulary gather, only the old rows the new table keeps, in their new
-  places) is read straight into a 64-byte-aligned buffer that
-  `jax.device_put` adopts without a copy;
-* **the source's own read** (`Source.restore`): sharded targets (Orbax reads
-  shard by shard, each placed on its device; an old vocabulary table sharded
-  off its vocabulary axis, so the gather stays local), multi-process runs,
-  and sources without direct array access (an in-memory state dict).
+* **our own buffers** (`hostread`), wherever the source hands out its arrays
+  (`Source.open_arrays`: Orbax's TensorStore arrays, memory maps of raw
+  formats). Where the target is host memory or a single CPU device, each
+  tensor (for a vocabulary gather, only the old rows the new table keeps, in
+  their new places) is read straight into a 64-byte-aligned buffer that
+  `jax.device_put` adopts without a copy. Where the target is sharded, each
+  addressable shard is read on its own (for a gather: only the old rows that
+  shard keeps, of that shard's columns) into its own buffer, the rows new to
+  the vocabulary filled there, and placed on its device
+  (`jax.make_array_from_single_device_arrays`); the old table never exists
+  whole, resharded or twice, and each process reads only its shards;
+* **the source's own read** (`Source.restore`): sources without direct array
+  access (an in-memory state dict), values that are not arrays, a gather
+  whose new rows need statistics of the whole old table (`MeanOfOldRows`),
+  and a large tensor saved as one chunk going to several shards (each shard
+  would decode the whole chunk).
 
 Each tensor feeding several leaves is read once per target.
 """
@@ -19,7 +25,7 @@ Each tensor feeding several leaves is read once per target.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -43,10 +49,13 @@ class Fetched:
       the new table with the kept rows in place.
     taken: Whether the row's `Take` already ran during the read (only the
       rows to fill, index -1, are left).
+    filled: Whether those rows are filled too (a sharded read): `value` is
+      the leaf's final value but for the cast.
   """
 
   value: Any
   taken: bool = False
+  filled: bool = False
 
 
 def host_target(row: LeafPlan, live: Any) -> bool:
@@ -74,6 +83,55 @@ def restore_spec(leaf: Any, row: LeafPlan) -> jax.ShapeDtypeStruct | None:
   return jax.ShapeDtypeStruct(row.source_shape, leaf.dtype, sharding=sharding)
 
 
+def shard_target(row: LeafPlan, live: Any) -> bool:
+  """Whether a tensor is read shard by shard into buffers of our own: a placed leaf, not on the host path.
+
+  Not when a gather's new rows need statistics of the whole old table
+  (`MeanOfOldRows`, `MeanCovarianceOfOldRows`): the source's sharded read and
+  the device gather compute them.
+  """
+  if not isinstance(live, jax.Array | jax.ShapeDtypeStruct) or live.sharding is None or host_target(row, live):
+    return False
+  return row.remap is None or not transform_lib.needs_old_table(row.remap)
+
+
+class _ShardedRead:
+  """The reads of one tensor's addressable shards (one per distinct region), and their assembly on the devices."""
+
+  def __init__(self, store: Any, row: LeafPlan, live: Any, fill: Any, label: str) -> None:
+    self.row, self.live = row, live
+    self.shape = tuple(row.shape)
+    self.index_map = live.sharding.addressable_devices_indices_map(self.shape)
+    self.fill = None if fill is None else np.asarray(fill)
+    take = row.take
+    self.reads: dict[tuple[tuple[int, int], ...], hostread.Read] = {}
+    for idx in self.index_map.values():
+      key = self._key(idx)
+      if key in self.reads:
+        continue
+      if take is None:
+        self.reads[key] = hostread.region(store, idx, live.dtype, label=label)
+      else:
+        sub = take.index[idx[take.axis]]
+        shard_shape = tuple(len(range(*s.indices(n))) for s, n in zip(idx, self.shape, strict=True))
+        self.reads[key] = hostread.rows(store, sub, shard_shape, live.dtype, take.axis, window=idx, label=label)
+
+  def _key(self, idx: tuple[slice, ...]) -> tuple[tuple[int, int], ...]:
+    return tuple(s.indices(n)[:2] for s, n in zip(idx, self.shape, strict=True))
+
+  def assemble(self) -> jax.Array:
+    take = self.row.take
+    if take is not None:  # the rows new to the vocabulary, in each shard's buffer
+      fill_index = transform_lib.fill_index_of(take.remap)
+      for idx in {self._key(i): i for i in self.index_map.values()}.values():
+        window = tuple(slice(None) if d == take.axis else s for d, s in enumerate(idx))
+        fill = None if self.fill is None else self.fill[window]
+        out = self.reads[self._key(idx)].out
+        transform_lib.fill_missing(out, take.index[idx[take.axis]], fill, fill_index[idx[take.axis]], axis=take.axis)
+    arrays = [jax.device_put(self.reads[self._key(idx)].out, device) for device, idx in self.index_map.items()]
+    return jax.make_array_from_single_device_arrays(self.shape, self.live.sharding, arrays)
+
+
 def _host_read(store: Any, row: LeafPlan, live: Any) -> hostread.Read:
   label = f"{row.source!r} (for {row.name!r}) from {row.checkpoint.describe()}"
   take = row.take
@@ -83,7 +141,10 @@ def _host_read(store: Any, row: LeafPlan, live: Any) -> hostread.Read:
 
 
 def read_inputs(
-  plan: WarmStartPlan, live: Sequence[Any], update: Callable[[str], None] = lambda message: None
+  plan: WarmStartPlan,
+  live: Sequence[Any],
+  update: Callable[[str], None] = lambda message: None,
+  fills: Mapping[int, Any] | None = None,
 ) -> dict[int, Fetched]:
   """Reads what the plan's `LOAD` rows need, each tensor placed for its leaf.
 
@@ -92,6 +153,8 @@ def read_inputs(
     live: The live leaves in the plan's order (abstract ones placed: each has
       a sharding).
     update: Called with the current phase, for a progress display.
+    fills: Row index -> the fill rows of its gather (`transform.initial_fill`),
+      for the gathers that run shard by shard here.
 
   Returns:
     Row index -> what was read for it.
@@ -100,23 +163,32 @@ def read_inputs(
     WarmStartError: If a read fails (naming the tensor, the leaf and the
       checkpoint).
   """
+  fills = fills or {}
   loading = [i for i, row in enumerate(plan.leaves) if row.action is Action.LOAD]
   direct: dict[int, hostread.Read] = {}
+  sharded: dict[int, _ShardedRead] = {}
   targets: dict[int, dict[str, jax.ShapeDtypeStruct | None]] = {id(c): {} for c in plan.checkpoints}
   for c in plan.checkpoints:
     c.check_unchanged()
     mine = [i for i in loading if plan.leaves[i].checkpoint is c]
-    stores = c.open_arrays({plan.leaves[i].source for i in mine if host_target(plan.leaves[i], live[i])})
+    wanted = {plan.leaves[i].source for i in mine if host_target(plan.leaves[i], live[i])}
+    wanted |= {plan.leaves[i].source for i in mine if shard_target(plan.leaves[i], live[i])}
+    stores = c.open_arrays(wanted)
     for i in mine:
       row = plan.leaves[i]
-      if row.source in stores:
-        _check_shape(row, tuple(stores[row.source].shape))
-        direct[i] = _host_read(stores[row.source], row, live[i])
+      store = stores.get(row.source)
+      if store is not None:
+        _check_shape(row, tuple(store.shape))
+      label = f"{row.source!r} (for {row.name!r}) from {c.describe()}"
+      if store is not None and host_target(row, live[i]):
+        direct[i] = _host_read(store, row, live[i])
+      elif store is not None and shard_target(row, live[i]) and not hostread.is_single_chunk(store):
+        sharded[i] = _ShardedRead(store, row, live[i], fills.get(i), label)
       elif row.source not in targets[id(c)]:
         targets[id(c)][row.source] = restore_spec(live[i], row)
   where = ", ".join(c.describe() for c in plan.checkpoints)
   update(f"Reading {len(loading)} tensors ({report.human_bytes(plan.nbytes)}) from {where}")
-  reads = list(direct.values())
+  reads = list(direct.values()) + [read for s in sharded.values() for read in s.reads.values()]
   hostread.run(reads, max_bytes_in_flight=max(MIN_BYTES_IN_FLIGHT, sum(r.nbytes for r in reads) // 10))
   # The source's reads are waited for (their host staging buffers freed)
   # before the gathers allocate their outputs.
@@ -126,6 +198,8 @@ def read_inputs(
     row = plan.leaves[i]
     if i in direct:
       out[i] = Fetched(direct.pop(i).out, taken=row.take is not None)
+    elif i in sharded:
+      out[i] = Fetched(sharded.pop(i).assemble(), taken=row.take is not None, filled=True)
     else:
       value = restored[id(row.checkpoint)][row.source]
       _check_shape(row, tuple(np.shape(value)))

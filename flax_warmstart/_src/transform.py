@@ -370,6 +370,11 @@ def on_one_cpu(live: Any) -> bool:
   return next(iter(sharding.device_set)).platform == "cpu"
 
 
+def needs_old_table(remap: Remap) -> bool:
+  """Whether a gather's new rows are computed from the whole old table (`MeanOfOldRows`, `MeanCovarianceOfOldRows`)."""
+  return isinstance(remap.info.backup_initializer, NEW_ROW_INITIALIZERS) and not remap.follows
+
+
 def host_gather_ok(remap: Remap, live: Any) -> bool:
   """Whether to gather on the host: the live leaf is on one CPU device (or host).
 
@@ -377,7 +382,7 @@ def host_gather_ok(remap: Remap, live: Any) -> bool:
   `jax.device_put` adopts without a copy, so the old table is never copied to
   a "device" and the output's memory is touched once.
   """
-  if isinstance(remap.info.backup_initializer, NEW_ROW_INITIALIZERS) and not remap.follows:
+  if needs_old_table(remap):
     return False
   return isinstance(live, np.ndarray) or on_one_cpu(live)
 

@@ -398,10 +398,10 @@ def _read(path: epath.Path, requested: str, step: int | None) -> OrbaxSource:
 def open_arrays(source: OrbaxSource, names: Iterable[str]) -> dict[str, ts.TensorStore]:
   """Opens saved arrays for reading into buffers of our own (see `flax_warmstart._src.read`).
 
-  Only in a single process and for arrays that Orbax stored with TensorStore,
-  opened with Orbax's own spec and context; the others (strings and other
-  values not stored as arrays, and every array in a multi-process run, where
-  each process reads its own shards) are left to `restore`.
+  Only arrays that Orbax stored with TensorStore, opened with Orbax's own spec
+  and context (no data is read: in a multi-process run each process then
+  reads only its own shards); the others (strings and other values not
+  stored as arrays) are left to `restore`.
 
   Args:
     source: From `open_orbax`.
@@ -423,8 +423,6 @@ def open_arrays(source: OrbaxSource, names: Iterable[str]) -> dict[str, ts.Tenso
     >>> {name: store.shape for name, store in stores.items()}
     {'w': (2, 3), 'step': ()}
   """
-  if jax.process_count() > 1:
-    return {}
   use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(source.path)
   context = ts_context(use_ocdbt)
   opening = {}
