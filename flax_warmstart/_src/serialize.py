@@ -13,14 +13,23 @@ JSON or YAML file (or an `ml_collections.ConfigDict`) holds;
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 
 from flax_warmstart._src.errors import WarmStartError, did_you_mean
-from flax_warmstart._src.settings import MeanCovarianceOfOldRows, MeanOfOldRows, VocabInfo, WarmStartSettings
+from flax_warmstart._src.settings import (
+  MeanCovarianceOfOldRows,
+  MeanOfOldRows,
+  VocabInfo,
+  WarmStartSettings,
+  _is_real,
+  _show,
+)
 
 _PLAIN = {
   "zeros": jax.nn.initializers.zeros,
@@ -33,6 +42,13 @@ _PARAMETRIC = {
   "normal": jax.nn.initializers.normal,
   "truncated_normal": jax.nn.initializers.truncated_normal,
   "uniform": jax.nn.initializers.uniform,
+}
+# What each parametric initializer's argument is, for messages.
+_ARGUMENTS = {
+  "constant": "the value: a number or a list of numbers",
+  "normal": "the standard deviation: a number >= 0",
+  "truncated_normal": "the standard deviation: a number >= 0",
+  "uniform": "the scale (values in [0, scale)): a number >= 0",
 }
 
 
@@ -57,8 +73,20 @@ class NamedInitializer:
   name: str
   arg: Any = None
 
+  def __post_init__(self) -> None:
+    if self.arg is None and self.name in _PLAIN:
+      return
+    if self.name not in _PARAMETRIC:
+      raise WarmStartError(f"Unknown backup_initializer {self.name!r}; use one of {_known()}.")
+    problem = _argument_problem(self.name, self.arg)
+    if problem:
+      raise WarmStartError(problem)
+    if isinstance(self.arg, list | tuple):  # A hashable value, so settings hash.
+      object.__setattr__(self, "arg", _tuples(np.asarray(self.arg).tolist()))
+
   def __call__(self, key: Any, shape: Any, dtype: Any = None) -> Any:
-    fn = _PLAIN[self.name] if self.arg is None else _PARAMETRIC[self.name](self.arg)
+    arg = np.asarray(self.arg) if isinstance(self.arg, tuple) else self.arg  # jnp.full takes no lists
+    fn = _PLAIN[self.name] if arg is None else _PARAMETRIC[self.name](arg)
     return fn(key, shape, dtype) if dtype is not None else fn(key, shape)
 
 
@@ -73,11 +101,16 @@ def initializer_from_spec(spec: Any) -> Any:
     `MeanCovarianceOfOldRows`), or None.
 
   Raises:
-    WarmStartError: For an unknown name, listing the known ones.
+    WarmStartError: For an unknown name, listing the known ones, or an
+      argument of the wrong kind, saying what it must be.
 
   Examples:
     >>> initializer_from_spec({"mean_covariance_of_old_rows": 1e-6})
     MeanCovarianceOfOldRows(scale=1e-06)
+    >>> initializer_from_spec({"normal": "abc"})
+    Traceback (most recent call last):
+    ...
+    flax_warmstart._src.errors.WarmStartError: backup_initializer {normal: ...} takes the standard deviation: a number >= 0; got 'abc' (str).
   """
   if spec is None or callable(spec) or isinstance(spec, MeanOfOldRows | MeanCovarianceOfOldRows):
     return spec
@@ -88,13 +121,38 @@ def initializer_from_spec(spec: Any) -> Any:
   if isinstance(spec, Mapping) and len(spec) == 1:
     ((name, arg),) = spec.items()
     if name == "mean_covariance_of_old_rows":
-      return MeanCovarianceOfOldRows(float(arg))
+      if not _is_real(arg):
+        raise WarmStartError(
+          f"backup_initializer {{{name}: ...}} takes the covariance scale: a number >= 0; got {_show(arg)}."
+        )
+      return MeanCovarianceOfOldRows(arg)
     if name in _PARAMETRIC:
       return NamedInitializer(name, arg)
-  known = sorted([*_PLAIN, "mean_of_old_rows"]) + [
+  raise WarmStartError(f"Unknown backup_initializer {spec!r}; use one of {_known()}.")
+
+
+def _known() -> list[str]:
+  return sorted([*_PLAIN, "mean_of_old_rows"]) + [
     f"{{{n}: value}}" for n in sorted([*_PARAMETRIC, "mean_covariance_of_old_rows"])
   ]
-  raise WarmStartError(f"Unknown backup_initializer {spec!r}; use one of {known}.")
+
+
+def _argument_problem(name: str, arg: Any) -> str | None:
+  """Why `arg` cannot be the argument of the parametric initializer `name`, or None."""
+  bad = f"backup_initializer {{{name}: ...}} takes {_ARGUMENTS[name]}; got {_show(arg)}."
+  if name == "constant" and isinstance(arg, list | tuple):
+    try:
+      array = np.asarray(arg)
+    except ValueError:  # ragged
+      return bad
+    return None if array.dtype.kind in "iuf" and np.isfinite(array).all() else bad
+  if not _is_real(arg) or not math.isfinite(arg):
+    return bad
+  return bad if name != "constant" and arg < 0 else None
+
+
+def _tuples(value: Any) -> Any:
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def _initializer_to_spec(init: Any) -> Any:
@@ -105,7 +163,8 @@ def _initializer_to_spec(init: Any) -> Any:
   if isinstance(init, MeanCovarianceOfOldRows):
     return {"mean_covariance_of_old_rows": init.scale}
   if isinstance(init, NamedInitializer):
-    return init.name if init.arg is None else {init.name: init.arg}
+    arg = np.asarray(init.arg).tolist() if isinstance(init.arg, tuple) else init.arg
+    return init.name if arg is None else {init.name: arg}
   for name, value in _PLAIN.items():
     if init is value:
       return name
@@ -184,38 +243,53 @@ def settings_from_dict(data: Mapping[str, Any], *, ckpt_to_initialize_from: str 
   if not isinstance(data, Mapping):
     raise WarmStartError(f"Settings must be a mapping of WarmStartSettings fields, got {type(data).__name__}.")
   fields = {f.name for f in dataclasses.fields(WarmStartSettings)}
-  unknown = sorted(set(data) - fields)
-  if unknown:
-    raise WarmStartError(
-      [f"Unknown WarmStartSettings field {k!r}.{did_you_mean(k, fields)}" for k in unknown], header="Invalid settings"
-    )
-  kwargs = dict(data)
+  problems = [f"Unknown WarmStartSettings field {k!r}.{did_you_mean(k, fields)}" for k in sorted(set(data) - fields)]
+  kwargs = {k: v for k, v in data.items() if k in fields}
   kwargs.setdefault("ckpt_to_initialize_from", ckpt_to_initialize_from)
-  vocab_fields = {f.name for f in dataclasses.fields(VocabInfo)}
-  vocab = {}
-  vocab_specs = kwargs.get("var_name_to_vocab_info") or {}
-  if not isinstance(vocab_specs, Mapping):
-    raise WarmStartError(f"var_name_to_vocab_info must map variable names to VocabInfo fields, got {vocab_specs!r}.")
-  for name, spec in vocab_specs.items():
+  specs = kwargs.get("var_name_to_vocab_info")
+  if isinstance(specs, Mapping):
+    kwargs["var_name_to_vocab_info"] = _vocab_infos(specs, problems)
+  rules = kwargs.get("rename_rules")
+  if isinstance(rules, list | tuple):  # JSON/YAML pairs are lists.
+    kwargs["rename_rules"] = [tuple(rule) if isinstance(rule, list) else rule for rule in rules]
+  try:
+    settings = WarmStartSettings(**kwargs)
+  except WarmStartError as err:
+    problems += err.problems
+  if problems:
+    raise WarmStartError(problems, header="Invalid settings")
+  return settings
+
+
+def _vocab_infos(specs: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
+  """`var_name_to_vocab_info` from plain data; the problems of every entry go to `problems`."""
+  fields = [f.name for f in dataclasses.fields(VocabInfo)]
+  required = [f.name for f in dataclasses.fields(VocabInfo) if f.default is f.default_factory is dataclasses.MISSING]
+  out = {}
+  for name, spec in specs.items():
+    where = f"var_name_to_vocab_info[{name!r}]"
     if isinstance(spec, VocabInfo):
-      vocab[name] = spec
+      out[name] = spec
       continue
     if not isinstance(spec, Mapping):
-      raise WarmStartError(f"var_name_to_vocab_info[{name!r}] must be a mapping of VocabInfo fields, got {spec!r}.")
-    bad = sorted(set(spec) - vocab_fields)
-    if bad:
-      raise WarmStartError(f"Unknown VocabInfo field(s) {bad} for {name!r}; fields are {sorted(vocab_fields)}.")
-    spec = dict(spec)
-    spec["backup_initializer"] = initializer_from_spec(spec.get("backup_initializer"))
+      problems.append(f"{where} must be a mapping of VocabInfo fields ({', '.join(fields)}), got {_show(spec)}.")
+      continue
+    found = [f"{where}: unknown VocabInfo field {k!r}.{did_you_mean(k, fields)}" for k in spec if k not in fields]
+    missing = [k for k in required if k not in spec]
+    found += [f"{where}: VocabInfo field {k!r} is required." for k in missing]
+    known = {k: v for k, v in spec.items() if k in fields}
     try:
-      vocab[name] = VocabInfo(**spec)
-    except TypeError as err:
-      raise WarmStartError(f"Invalid VocabInfo for {name!r}: {err}.") from None
-  kwargs["var_name_to_vocab_info"] = vocab
-  rules = kwargs.get("rename_rules")
-  if rules:
-    if not isinstance(rules, list | tuple | Mapping):
-      raise WarmStartError(f"rename_rules must be a list of [new_name_regex, old_name_template] pairs, got {rules!r}.")
-    if isinstance(rules, list | tuple):
-      kwargs["rename_rules"] = [tuple(rule) if isinstance(rule, list) else rule for rule in rules]
-  return WarmStartSettings(**kwargs)
+      known["backup_initializer"] = initializer_from_spec(known.get("backup_initializer"))
+    except WarmStartError as err:
+      found += [f"{where}: {p}" for p in err.problems]
+      known["backup_initializer"] = None
+    if not missing:
+      try:
+        info = VocabInfo(**known)
+      except WarmStartError as err:
+        found += [f"{where}: {p}" for p in err.problems]
+      else:
+        if not found:
+          out[name] = info
+    problems += found
+  return out

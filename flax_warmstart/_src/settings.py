@@ -7,9 +7,12 @@ defaults (`tf.estimator.WarmStartSettings`, `tf.estimator.VocabInfo`).
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+import reprlib
+from collections.abc import Callable, Mapping, Sequence, Set
 from typing import Any, Literal
 
 import numpy as np
@@ -59,6 +62,15 @@ class MeanCovarianceOfOldRows:
 
   scale: float = 1e-9
 
+  def __post_init__(self) -> None:
+    scale = self.scale
+    if not _is_real(scale) or not math.isfinite(scale) or scale < 0:
+      raise WarmStartError(
+        f"MeanCovarianceOfOldRows: `scale` must be a finite real number >= 0 (it multiplies the covariance),"
+        f" got {_show(scale)}."
+      )
+    object.__setattr__(self, "scale", float(scale))
+
 
 NEW_ROW_INITIALIZERS = (MeanOfOldRows, MeanCovarianceOfOldRows)
 
@@ -95,6 +107,15 @@ class VocabInfo:
     token_vectors: New token -> explicit row value (for tokens absent from the
       old vocabulary).
 
+  Raises:
+    WarmStartError: Listing every field of the wrong kind at once (a size that
+      is not an int, a vocabulary that is bytes, a set or not str tokens, an
+      axis other than 0 or 1, ...), each naming the field, the value and what
+      is allowed. Ranges that depend on the variable (`new_vocab_size=0`,
+      `num_oov_buckets < 0`, `old_vocab_size` beyond the file) and the files
+      themselves are checked when the plan is made, as TensorFlow checks them
+      when it warm-starts.
+
   Examples:
     >>> info = VocabInfo("new.txt", new_vocab_size=5, num_oov_buckets=1,
     ...                  old_vocab="old.txt")
@@ -115,15 +136,123 @@ class VocabInfo:
   token_vectors: Mapping[str, Any] = dataclasses.field(default_factory=FrozenDict)
 
   def __post_init__(self) -> None:
-    if self.axis not in (0, 1):
-      raise WarmStartError(f"The only supported values for the axis argument are 0 and 1.  Provided axis: {self.axis}")
+    problems: list[str] = []
     for field in ("new_vocab", "old_vocab"):
-      value = getattr(self, field)
-      if not isinstance(value, str | os.PathLike) and isinstance(value, Sequence):
-        object.__setattr__(self, field, tuple(value))
-    object.__setattr__(self, "donor_tokens", FrozenDict(dict(self.donor_tokens or {})))
-    vectors = {tok: _freeze(np.asarray(v).tolist()) for tok, v in dict(self.token_vectors or {}).items()}
-    object.__setattr__(self, "token_vectors", FrozenDict(vectors))
+      object.__setattr__(self, field, _vocab_source(field, getattr(self, field), problems))
+    for field, allowed in _VOCAB_INTS.items():
+      object.__setattr__(self, field, _int_field(field, getattr(self, field), allowed, problems))
+    if not _is_int(self.axis):
+      problems.append(
+        f"`axis` must be the int 0 (rows are vocabulary entries) or 1 (columns are), got {_show(self.axis)}."
+      )
+    elif self.axis not in (0, 1):
+      # TensorFlow's message, word for word.
+      problems.append(f"The only supported values for the axis argument are 0 and 1.  Provided axis: {self.axis}")
+    else:
+      object.__setattr__(self, "axis", int(self.axis))
+    donors = _str_mapping(
+      "donor_tokens", self.donor_tokens, "{new token: old token whose row it copies}", problems, str_values=True
+    )
+    object.__setattr__(self, "donor_tokens", FrozenDict(donors))
+    object.__setattr__(self, "token_vectors", FrozenDict(_token_vectors(self.token_vectors, problems)))
+    both = sorted(set(self.donor_tokens) & set(self.token_vectors))
+    if both:
+      problems.append(
+        f"{both} are in both donor_tokens and token_vectors: give each new token one source, a donor or a vector."
+      )
+    if problems:
+      raise WarmStartError(problems, header="Invalid VocabInfo")
+
+
+# VocabInfo's integer fields -> what they may be (for messages). Their ranges
+# are checked when the plan is made, against the variable (as in TensorFlow:
+# `old_vocab_size` is ignored for axis 1, `new_vocab_size=0` fails at use).
+_VOCAB_INTS = {
+  "new_vocab_size": "an int > 0: how many leading tokens of new_vocab are rows",
+  "num_oov_buckets": "an int >= 0: the number of out-of-vocabulary rows after the vocabulary",
+  "old_vocab_size": "an int: -1 for all of old_vocab, else its first N tokens",
+}
+
+
+def _show(value: Any) -> str:
+  """`value` for a message: a short repr and its type."""
+  return f"{reprlib.repr(value)} ({type(value).__name__})"
+
+
+def _is_int(value: Any) -> bool:
+  """An integer (Python or numpy), not a bool: `2.0`, `"2"` and `True` are not."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+
+
+def _is_real(value: Any) -> bool:
+  """A real number (int or float, Python or numpy), not a bool or a string."""
+  return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
+def _int_field(field: str, value: Any, allowed: str, problems: list[str]) -> Any:
+  if not _is_int(value):
+    problems.append(f"`{field}` must be {allowed}; got {_show(value)}.")
+    return value
+  return int(value)
+
+
+def _vocab_source(field: str, value: Any, problems: list[str]) -> Any:
+  """A vocabulary path stays as given; a token sequence becomes a tuple of str."""
+  if isinstance(value, str | os.PathLike):
+    return value
+  if isinstance(value, np.ndarray) and value.ndim == 1:
+    value = value.tolist()
+  allowed = "a vocabulary file path (str or os.PathLike) or an ordered sequence of str tokens (a list or tuple)"
+  if isinstance(value, bytes | bytearray):
+    problems.append(f"`{field}` must be {allowed}; got {_show(value)}. Decode bytes first (value.decode()).")
+    return value
+  if isinstance(value, Set):
+    problems.append(
+      f"`{field}` must be {allowed}; got {_show(value)}. A set has no order, and a token's line gives its row."
+    )
+    return value
+  if not isinstance(value, Sequence):
+    problems.append(f"`{field}` must be {allowed}; got {_show(value)}.")
+    return value
+  tokens = tuple(value)
+  bad = [(i, t) for i, t in enumerate(tokens) if not isinstance(t, str)]
+  if bad:
+    shown = ", ".join(f"[{i}] = {_show(t)}" for i, t in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    problems.append(f"`{field}` tokens must all be str; found {shown}.")
+    return tokens
+  return tuple(str(t) for t in tokens)
+
+
+def _str_mapping(field: str, value: Any, shape: str, problems: list[str], *, str_values: bool) -> dict[str, Any]:
+  """`value` (None or a mapping) as a dict of its valid entries: str keys, and str values if `str_values`."""
+  if value is None:
+    return {}
+  if not isinstance(value, Mapping):
+    problems.append(f"`{field}` must be a mapping {shape}; got {_show(value)}.")
+    return {}
+  valid = {k: v for k, v in value.items() if isinstance(k, str) and (isinstance(v, str) or not str_values)}
+  bad = [k for k in value if k not in valid]
+  if bad:
+    shown = ", ".join(f"{k!r}: {value[k]!r}" for k in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    kind = "str keys and values" if str_values else "str keys (new tokens)"
+    problems.append(f"`{field}` must be a mapping {shape} with {kind}; found {shown}.")
+  return valid
+
+
+def _token_vectors(value: Any, problems: list[str]) -> dict[str, Any]:
+  """`token_vectors` with each vector frozen to nested tuples (so settings hash)."""
+  vectors = _str_mapping("token_vectors", value, "{new token: row vector}", problems, str_values=False)
+  out = {}
+  for tok, vector in vectors.items():
+    try:
+      array = np.asarray(vector)
+    except ValueError:  # ragged nested lists
+      array = None
+    if array is None or array.dtype.kind not in "biuf":
+      problems.append(f"token_vectors[{tok!r}] must be a vector of numbers; got {_show(vector)}.")
+      continue
+    out[tok] = _freeze(array.tolist())
+  return out
 
 
 def _freeze(value: Any) -> Any:
@@ -160,7 +289,7 @@ class WarmStartSettings:
     var_name_to_prev_var_name: Name in the live state -> name in the
       checkpoint. A parameter's rename carries its optimizer slots. It never
       changes what is selected; every key must name a selected variable.
-    skip_missing: If True, selected variables absent from the checkpoint keep
+    skip_missing: A bool. If True, selected variables absent from the checkpoint keep
       their current value and are reported (a WARNING log and the plan),
       instead of failing the whole request.
     ckpt_item: The item to read when a step directory holds several (e.g.
@@ -183,6 +312,12 @@ class WarmStartSettings:
     step: What happens to the root `step`: `"select"` (default), `"load"`
       (continue from the old step: learning-rate schedules continue),
       `"reset"` (start at 0: schedules restart), `"keep"` (the live value).
+
+  Raises:
+    WarmStartError: Listing every invalid value at once (a `skip_missing`
+      that is not a bool, a regex that does not compile, a rename template
+      that refers to a group its regex does not have, an unordered set of
+      rules, ...), each naming the field, the value and what is allowed.
 
   Examples:
     >>> s = WarmStartSettings("/runs/old", vars_to_warm_start=[".*encoder.*"],
@@ -264,6 +399,10 @@ class WarmStartSettings:
         )
     object.__setattr__(self, "var_name_to_vocab_info", vocab)
     object.__setattr__(self, "var_name_to_prev_var_name", prev)
+    if isinstance(self.skip_missing, bool | np.bool_):
+      object.__setattr__(self, "skip_missing", bool(self.skip_missing))
+    else:
+      problems.append(f"`skip_missing` must be True or False (a bool), got {_show(self.skip_missing)}.")
     if self.ckpt_item is not None and not isinstance(self.ckpt_item, str):
       problems.append(f"`ckpt_item` must be an item name (str) or None, got {self.ckpt_item!r}.")
     object.__setattr__(self, "rename_rules", _normalize_rules(self.rename_rules, problems))
@@ -275,32 +414,57 @@ class WarmStartSettings:
 
 
 def _normalize_rules(rules: Any, problems: list[str]) -> tuple[tuple[str, str | None], ...]:
-  """Validates `rename_rules`: (regex, template or None) pairs with valid regexes."""
+  """Validates `rename_rules`: an ordered list of (regex, template or None) pairs.
+
+  Each regex must compile and each template must expand against it (its group
+  references exist), so a bad rule fails here rather than when it first matches.
+  """
   if rules is None:
     return ()
   if isinstance(rules, Mapping):
     rules = list(rules.items())
+  elif isinstance(rules, str | bytes | Set) or not isinstance(rules, Sequence):
+    order = " A set has no order, and the first rule that matches a name decides it." if isinstance(rules, Set) else ""
+    problems.append(
+      "`rename_rules` must be an ordered list of (new_name_regex, old_name_template or None) pairs (or a dict"
+      f" regex -> template), got {_show(rules)}.{order}"
+    )
+    return ()
   out = []
-  for rule in rules:
+  for k, rule in enumerate(rules):
+    where = f"rename_rules[{k}]"
     if not (isinstance(rule, list | tuple) and len(rule) == 2 and isinstance(rule[0], str)):
-      problems.append(f"rename_rules entries must be (new_name_regex, old_name_template or None) pairs, got {rule!r}.")
+      problems.append(f"{where} must be a (new_name_regex, old_name_template or None) pair of str, got {_show(rule)}.")
       continue
     pattern, template = rule
     if template is not None and not isinstance(template, str):
-      problems.append(f"rename_rules template for {pattern!r} must be a str or None, got {template!r}.")
+      problems.append(f"{where}: the template for {pattern!r} must be a str or None, got {_show(template)}.")
       continue
     try:
-      re.compile(pattern)
+      regex = re.compile(pattern)
     except re.error as err:
-      problems.append(f"rename_rules regex {pattern!r} is not a valid regex: {err}.")
+      problems.append(f"{where}: {pattern!r} is not a valid regex: {err}.")
       continue
+    if template is not None:
+      try:
+        regex.sub(template, "")  # Compiles the template against the regex's groups; matches nothing.
+      except (re.error, IndexError) as err:
+        groups = [f"\\{i}" for i in range(1, regex.groups + 1)] + [f"\\g<{n}>" for n in regex.groupindex]
+        problems.append(
+          f"{where}: template {template!r} does not fit regex {pattern!r}: {err}. The regex has"
+          f" {regex.groups} group(s){': ' + ', '.join(groups) if groups else ''}."
+        )
+        continue
     out.append((pattern, template))
   return tuple(out)
 
 
 def _normalize_vars(value: Any, problems: list[str]) -> VarsToWarmStart:
-  """Validates `vars_to_warm_start`; lists become tuples so settings hash."""
-  if value is None or isinstance(value, str) or callable(value):
+  """Validates `vars_to_warm_start`; lists become tuples so settings hash; regexes must compile."""
+  if value is None or callable(value):
+    return value
+  if isinstance(value, str):
+    _check_regex("vars_to_warm_start", value, problems)
     return value
   if isinstance(value, list | tuple):
     bad = sorted({type(v).__name__ for v in value if not isinstance(v, str)})
@@ -310,12 +474,22 @@ def _normalize_vars(value: Any, problems: list[str]) -> VarsToWarmStart:
         f" found {', '.join(bad)}. To select arrays directly, pass a callable"
         " `(name, leaf) -> bool`."
       )
+    for k, pattern in enumerate(value):
+      if isinstance(pattern, str):
+        _check_regex(f"vars_to_warm_start[{k}]", pattern, problems)
     return tuple(value)
   problems.append(
     "`vars_to_warm_start` must be a regex `str`, a `list` of regex `str`, a"
     f" callable `(name, leaf) -> bool` or None; given type is {type(value).__name__}."
   )
   return value
+
+
+def _check_regex(field: str, pattern: str, problems: list[str]) -> None:
+  try:
+    re.compile(pattern)
+  except re.error as err:
+    problems.append(f"`{field}` {pattern!r} is not a valid regex: {err}.")
 
 
 def _frozen_mapping(value: Any, field: str, problems: list[str]) -> FrozenDict:

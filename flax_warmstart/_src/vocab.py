@@ -4,13 +4,24 @@ Files are read as TensorFlow reads them (`TextFileLineIterator`): split on
 `\\n`, one trailing `\\r` removed per line, no other stripping, a final newline
 adds no line. An empty line, or a duplicate token among the old vocabulary's
 considered lines, is an error naming the file, the line and the token.
+
+What TensorFlow accepts but is most likely a mistake gives TensorFlow's result
+and a WARNING (logged on the `flax_warmstart` logger when the mapping is built,
+and kept in `VocabMapping.warnings`): a UTF-8 byte-order mark, which stays part
+of the first token; carriage returns inside a line (CR-only line endings make
+the whole file one line); tokens that differ only by surrounding whitespace; a
+new vocabulary that shares no token with the old one; a `new_vocab_size`
+larger than the new vocabulary file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import os
+import re
+import reprlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,6 +32,12 @@ from flax_warmstart._src.errors import WarmStartError
 from flax_warmstart._src.settings import NEW_ROW_INITIALIZERS
 
 VocabSource = str | os.PathLike | Sequence[str]
+
+logger = logging.getLogger("flax_warmstart")
+
+BOM = "\ufeff"
+# Whitespace (not a line break) at the start or end of a token, in the tokens joined by "\n".
+_EDGE_SPACE = re.compile(r"^[^\S\n]|[^\S\n]$", re.MULTILINE)
 
 
 def describe_source(source: VocabSource) -> str:
@@ -58,7 +75,14 @@ def read_vocab(source: VocabSource, *, size: int = -1) -> list[str]:
     path = epath.Path(source)
     if not path.exists():
       raise WarmStartError(f"Vocabulary file {where} does not exist.")
-    text = path.read_bytes().decode("utf-8", "surrogateescape")
+    if path.is_dir():
+      raise WarmStartError(
+        f"Vocabulary path {where} is a directory; new_vocab and old_vocab must name a file with one token per line."
+      )
+    try:
+      text = path.read_bytes().decode("utf-8", "surrogateescape")
+    except OSError as err:
+      raise WarmStartError(f"Cannot read vocabulary file {where}: {err}") from None
     tokens = text.split("\n")
     if tokens and tokens[-1] == "":
       tokens.pop()  # A final newline ends the last line; it does not start one.
@@ -75,6 +99,7 @@ def read_vocab(source: VocabSource, *, size: int = -1) -> list[str]:
     if size > len(tokens):
       raise WarmStartError(
         f"Invalid vocab_size in {where}: expected {size} lines (old_vocab_size) but the file has {len(tokens)}."
+        + _cr_hint(tokens)
       )
     tokens = tokens[:size]
   if "" in tokens:
@@ -83,6 +108,50 @@ def read_vocab(source: VocabSource, *, size: int = -1) -> list[str]:
       f"Invalid content in {where}: empty line found at line {line}. Every line must hold one token."
     )
   return tokens
+
+
+def _cr_hint(tokens: Sequence[str]) -> str:
+  """A hint for an error about a file's line count, when carriage returns may explain it."""
+  if not any("\r" in t for t in tokens[:100]):
+    return ""
+  return " Its lines hold carriage returns (\\r): CR-only line endings make the whole file one line; use \\n."
+
+
+def token_warnings(tokens: Sequence[str], source: str) -> list[str]:
+  """What looks wrong in a vocabulary that TensorFlow reads anyway.
+
+  Args:
+    tokens: The vocabulary's tokens (its lines).
+    source: The vocabulary, for messages.
+
+  Returns:
+    One message per problem: a UTF-8 byte-order mark kept in the first token,
+    carriage returns inside lines (CR-only line endings).
+
+  Examples:
+    >>> token_warnings(["\\ufeffapple", "banana"], "old.txt")[0][:60]
+    'old.txt starts with a UTF-8 byte-order mark (BOM): as in Ten'
+    >>> token_warnings(["apple", "banana"], "old.txt")
+    []
+  """
+  out = []
+  if tokens and tokens[0].startswith(BOM):
+    out.append(
+      f"{source} starts with a UTF-8 byte-order mark (BOM): as in TensorFlow, it stays part of the first token"
+      f" {tokens[0]!r} (line 1), which then matches no token without it. Save the file as UTF-8 without a BOM"
+      " (Python: encoding='utf-8', not 'utf-8-sig')."
+    )
+  joined = "\n".join(tokens)
+  at = joined.find("\r")
+  if at >= 0:
+    line = joined.count("\n", 0, at)
+    lines = "the whole file is one line" if len(tokens) == 1 else f"it has {len(tokens)} lines"
+    out.append(
+      f"{source}: line {line + 1} holds carriage returns (\\r) inside its token {reprlib.repr(tokens[line])}; the"
+      f" file looks like it has CR-only (classic Mac) line endings. As in TensorFlow, only \\n ends a line (one \\r"
+      f" before it is dropped), so {lines}. Convert its line endings to \\n."
+    )
+  return out
 
 
 def token_index(tokens: Sequence[str], where: str) -> dict[str, int]:
@@ -119,6 +188,8 @@ class VocabMapping:
     oov: Out-of-vocabulary rows.
     dropped: Old vocabulary rows that no new row uses.
     old_rows_used: Number of old vocabulary lines considered.
+    warnings: What looks wrong but does not stop the remap (TensorFlow accepts
+      it): each was logged as a WARNING when the mapping was built.
   """
 
   index: np.ndarray
@@ -132,6 +203,7 @@ class VocabMapping:
   oov: int
   dropped: int
   old_rows_used: int
+  warnings: tuple[str, ...] = ()
 
   def stats(self) -> dict[str, int]:
     """The statistics: rows copied, donated, explicit, new (backup), OOV, old rows dropped.
@@ -204,6 +276,7 @@ def build_mapping(
     raise WarmStartError(
       f"{where}: new vocabulary {new_source} has {len(new_tokens)} lines but {n_load} vocabulary rows need a token"
       " (lookup table size must be larger than last new vocab entry's line). Check new_vocab_size."
+      + _cr_hint(new_tokens)
     )
   tokens = new_tokens[:n_load]
   index = np.array(list(map(old_index.get, tokens, itertools.repeat(-1))), dtype=np.int32).reshape(n_load)
@@ -251,6 +324,26 @@ def build_mapping(
   full_slot_index = np.concatenate([slot_index, np.full(num_oov, -1, np.int32)])
   used = np.zeros(len(old_tokens), dtype=bool)
   used[index[index >= 0]] = True
+  copied = int(np.count_nonzero(slot_index >= 0))
+  warnings = [f"{where}: new vocabulary {w}" for w in token_warnings(new_tokens, new_source)]
+  warnings += [f"{where}: old vocabulary {w}" for w in token_warnings(old_tokens, old_source)]
+  if new_vocab_size > len(new_tokens):
+    warnings.append(
+      f"{where}: new_vocab_size ({new_vocab_size}) is larger than new vocabulary {new_source} ({len(new_tokens)}"
+      f" lines). TensorFlow accepts it, since this variable's {num_rows} rows need only its first {n_load} lines,"
+      f" but then no row is an OOV row. If the file is complete, set new_vocab_size={len(new_tokens)} (and"
+      " num_oov_buckets to the rows after it)."
+    )
+  if n_load and not copied and not donated:
+    warnings.append(
+      f"{where}: none of the {n_load} new vocabulary tokens used ({new_source}) is in the old vocabulary"
+      f" ({old_source}, {len(old_tokens)} tokens considered): no row is copied from the checkpoint. Check that"
+      " new_vocab and old_vocab are this variable's vocabularies, in the same tokenization."
+    )
+  if copied < n_load:
+    warnings += _whitespace_warnings(tokens, index, old_tokens, where=where, new_source=new_source)
+  for warning in warnings:
+    logger.warning("%s", warning)
   return VocabMapping(
     index=full_index,
     slot_index=full_slot_index,
@@ -258,12 +351,41 @@ def build_mapping(
     num_vocab_rows=n_load,
     num_missing=len(missing),
     explicit=tuple(explicit_rows),
-    copied=int(np.count_nonzero(slot_index >= 0)),
+    copied=copied,
     donated=donated,
     oov=num_oov,
     dropped=len(old_tokens) - int(used.sum()),
     old_rows_used=len(old_tokens),
+    warnings=tuple(warnings),
   )
+
+
+def _whitespace_warnings(
+  tokens: Sequence[str], index: np.ndarray, old_tokens: Sequence[str], *, where: str, new_source: str
+) -> list[str]:
+  """A warning when new tokens without an old row match an old token once surrounding whitespace is stripped.
+
+  TensorFlow compares whole lines, so `"apple "` is not `"apple"`. Cheap when
+  no token has surrounding whitespace: one regex search over the joined tokens.
+  """
+  if not (_EDGE_SPACE.search("\n".join(tokens)) or _EDGE_SPACE.search("\n".join(old_tokens))):
+    return []
+  stripped = {}
+  for i, tok in enumerate(old_tokens):
+    stripped.setdefault(tok.strip(), i)
+  pairs = [
+    (tok, old_tokens[stripped[tok.strip()]])
+    for tok, i in zip(tokens, index.tolist(), strict=True)
+    if i < 0 and tok.strip() in stripped
+  ]
+  if not pairs:
+    return []
+  shown = ", ".join(f"{new!r} ~ {old!r}" for new, old in pairs[:3]) + (" ..." if len(pairs) > 3 else "")
+  return [
+    f"{where}: {len(pairs)} token(s) of new vocabulary {new_source} match an old token only when surrounding"
+    f" whitespace is ignored ({shown}); as in TensorFlow, they are new rows. Strip the vocabulary files if the"
+    " whitespace is not part of the tokens."
+  ]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -305,7 +427,7 @@ def plan_remap(
   """
   where = f"{name!r}" + (f" (checkpoint tensor {source!r})" if source != name else "")
   problems = []
-  if not info.new_vocab or not info.new_vocab_size or not info.old_vocab:
+  if not info.new_vocab or info.new_vocab_size < 1 or not info.old_vocab:
     problems.append(
       f"{where}: VocabInfo must provide all of new_vocab, new_vocab_size (> 0) and old_vocab; got"
       f" new_vocab={info.new_vocab!r}, new_vocab_size={info.new_vocab_size!r}, old_vocab={info.old_vocab!r}."
@@ -346,17 +468,18 @@ def plan_remap(
       f"{where}: the checkpoint tensor has shape {old_shape} and the state {shape}; with axis=1 only dimension 1"
       " (the vocabulary) may differ, and the state may use fewer leading rows, not more."
     )
-  try:
-    new_tokens = read_vocab(info.new_vocab)
-    old_tokens = read_vocab(info.old_vocab, size=info.old_vocab_size if axis == 0 else -1)
-  except WarmStartError as err:
-    return None, problems + [f"{where}: {p}" for p in err.problems]
+  tokens = {}
+  for field, lines in (("new_vocab", -1), ("old_vocab", info.old_vocab_size if axis == 0 else -1)):
+    try:
+      tokens[field] = read_vocab(getattr(info, field), size=lines)
+    except WarmStartError as err:
+      problems += [f"{where}: {p}" for p in err.problems]
   if problems:
     return None, problems
   try:
     mapping = build_mapping(
-      new_tokens=new_tokens,
-      old_tokens=old_tokens,
+      new_tokens=tokens["new_vocab"],
+      old_tokens=tokens["old_vocab"],
       num_rows=rows,
       new_vocab_size=size,
       num_oov_buckets=oov,
@@ -371,7 +494,7 @@ def plan_remap(
     return None, list(err.problems)
   top = int(mapping.index.max(initial=-1))
   if top >= old_shape[axis]:
-    token = old_tokens[top]
+    token = tokens["old_vocab"][top]
     problems.append(
       f"{where}: old vocabulary token {token!r} (line {top + 1} of {describe_source(info.old_vocab)}) names row"
       f" {top}, but the checkpoint tensor has only {old_shape[axis]} along axis {axis}. Check old_vocab and"
