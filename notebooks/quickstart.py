@@ -28,7 +28,10 @@
 #    an out-of-vocabulary (OOV) bucket;
 # 3. look at the warm-start **plan** (decided from checkpoint metadata alone,
 #    before anything is read), execute it, and check that the carried-over part
-#    of the model computes exactly what the old model computed.
+#    of the model computes exactly what the old model computed;
+# 4. warm-start a Flax NNX model and its optimizer (with Dropout) from the same
+#    Linen checkpoint, with no rules, and a Linen `TrainState` back from the
+#    NNX checkpoint.
 #
 # It runs on a CPU in a few seconds, locally or on Colab.
 
@@ -50,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from flax import nnx
 from flax.training import train_state
 from IPython.display import display
 
@@ -225,6 +229,73 @@ oov_id = len(NEW_VOCAB)
 sentence = ["yellow", "bird", "and", "big", "red", "cat"]  # "and" is out of vocabulary.
 ids = jnp.asarray([[word_id.get(w, oov_id) for w in sentence]])
 print(ids, jax.nn.softmax(new_model.apply({"params": warm_state.params}, ids)))
+
+# %% [markdown]
+# ## 5. Flax NNX: a Linen checkpoint into an NNX model and optimizer, and back
+#
+# The same library takes Flax NNX objects: a Module, an `nnx.Optimizer`, a
+# tuple or dict of them, their `nnx.state`, or `nnx.split`'s pair; the result
+# is the same kind, as new objects. A model with its optimizer is named like a
+# Linen `TrainState` (`encoder/kernel`, `encoder/kernel/opt_state/0/mu`,
+# `opt_state/0/count`, `step`), so with `vars_to_warm_start=[".*"]` and no
+# rules the old Linen run's parameters, Adam moments and step carry over. The
+# NNX twin of the old classifier has a `Dropout`, which keeps an RNG stream of
+# its own: the Linen checkpoint has none, so the plan keeps it.
+
+
+# %%
+class NNXTextClassifier(nnx.Module):
+  """The NNX twin of the old `TextClassifier` (same names and shapes), with Dropout before the head."""
+
+  def __init__(self, vocab_size: int, num_classes: int, rngs: nnx.Rngs):
+    self.embed = nnx.Embed(vocab_size, 8, rngs=rngs)
+    self.encoder = nnx.Linear(8, 16, rngs=rngs)
+    self.drop = nnx.Dropout(0.1, rngs=rngs)
+    self.head = nnx.Linear(16, num_classes, rngs=rngs)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    x = nnx.relu(self.encoder(self.embed(tokens).mean(axis=1)))
+    return self.head(self.drop(x))
+
+
+nnx_model = NNXTextClassifier(len(OLD_VOCAB), 2, nnx.Rngs(1))
+nnx_optimizer = nnx.Optimizer(nnx_model, optax.adam(1e-2), wrt=nnx.Param)
+everything = fws.WarmStartSettings(old_run, vars_to_warm_start=[".*"])
+print(fws.plan((nnx_model, nnx_optimizer), everything))
+warm_model, warm_optimizer = fws.warm_start((nnx_model, nnx_optimizer), everything)
+
+# %% [markdown]
+# The warm NNX model computes the old Linen model's logits (Dropout off in
+# eval mode), and the optimizer continues from the old step with the old Adam
+# moments. `nnx_model` itself is unchanged; to warm-start the objects you hold
+# in place, `nnx.update` them with the result's state.
+
+# %%
+warm_model.eval()
+np.testing.assert_allclose(warm_model(tokens), old_model.apply({"params": old_state.params}, tokens), rtol=1e-6)
+assert int(warm_optimizer.step[...]) == int(old_state.step)
+np.testing.assert_array_equal(
+  warm_optimizer.opt_state[0].mu["head"]["kernel"][...], old_state.opt_state[0].mu["head"]["kernel"]
+)
+
+nnx.update((nnx_model, nnx_optimizer), nnx.state((warm_model, warm_optimizer)))  # in place, if you prefer
+print("NNX model warm-started from the Linen checkpoint, at step", int(nnx_optimizer.step[...]))
+
+# %% [markdown]
+# And back: a checkpoint of `nnx.state((model, optimizer))` (or of
+# `{"model": nnx.state(model), "optimizer": nnx.state(optimizer)}`) warm-starts
+# a Linen `TrainState` the same way.
+
+# %%
+nnx_run = os.path.join(workdir, "nnx_run")
+with ocp.StandardCheckpointer() as ckptr:
+  ckptr.save(nnx_run, nnx.state((warm_model, warm_optimizer)))
+fresh = train_state.TrainState.create(
+  apply_fn=old_model.apply, params=old_model.init(jax.random.key(2), tokens)["params"], tx=optax.adam(1e-2)
+)
+back = fws.warm_start(fresh, nnx_run, fws.WarmStartSettings(nnx_run, vars_to_warm_start=[".*"]))
+np.testing.assert_allclose(back.apply_fn({"params": back.params}, tokens), warm_model(tokens), rtol=1e-6)
+print("Linen TrainState warm-started from the NNX checkpoint, at step", back.step)
 
 # %% [markdown]
 # `plan.provenance()` is a small JSON record of where each leaf came from, to

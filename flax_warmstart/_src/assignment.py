@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from flax_warmstart._src.errors import WarmStartError, did_you_mean
-from flax_warmstart._src.naming import Variable
+from flax_warmstart._src.naming import Variable, load_problem
 from flax_warmstart._src.planning import Action, LeafPlan, Reason, WarmStartPlan, log_warnings
 from flax_warmstart._src.sources import Source
 
@@ -76,6 +76,12 @@ def build_assignment_plan(
 
   def assign(var: str, tensor: str, pair: str) -> None:
     v, found = by_name[var], ckpt[tensor]
+    why = load_problem(v, found)
+    if why is not None:
+      problems.append(
+        f"Variable {var!r} cannot load tensor {tensor!r} from checkpoint {where} (assignment {pair}): {why}."
+      )
+      return
     if found.shape != v.shape:
       problems.append(
         f"Shape of variable {var!r} ({v.shape}) doesn't match with shape of tensor {tensor!r} ({found.shape})"

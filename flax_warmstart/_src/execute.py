@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_warmstart._src import read as read_lib
+from flax_warmstart._src import state as state_lib
 from flax_warmstart._src import transform as transform_lib
 from flax_warmstart._src.errors import WarmStartError
-from flax_warmstart._src.naming import flatten_state, is_nnx_split, unwrap_split
+from flax_warmstart._src.naming import LeafKind, flatten_state, unwrap_split
 from flax_warmstart._src.planning import Action, Reason, Reset, WarmStartPlan, bind_leaves, check_can_reset
 
 logger = logging.getLogger("flax_warmstart")
@@ -66,8 +67,8 @@ def execute(
 
   Args:
     plan: From `flax_warmstart.plan`, for this state's structure.
-    state: The live state, or an abstract one (see `warm_start`); it is not
-      modified.
+    state: The live state in any form `warm_start` takes (NNX objects and
+      `nnx.split` pairs too), or an abstract one; it is not modified.
     rng: PRNG key for random backup initializers of vocabulary remaps.
     init_fn: For an abstract state: a function of no arguments returning the
       state freshly initialised; only its leaves that are not loaded are
@@ -75,11 +76,14 @@ def execute(
     show_progress: Show the phase (reading, remapping) on a terminal.
 
   Returns:
-    A new state of the same type, structure, shapes, dtypes and shardings.
+    A new state of the same type, structure, shapes, dtypes and shardings:
+    NNX objects come back as new objects (`nnx.merge`), PRNG keys as keys of
+    their impl, strings and scalars as their type.
 
   Raises:
-    WarmStartError: If the plan was built for a state of other names, or an
-      abstract leaf that is not loaded has no `init_fn` to compute it.
+    WarmStartError: If `state` is not a state form, the plan was built for a
+      state of other names, or an abstract leaf that is not loaded has no
+      `init_fn` to compute it.
 
   Examples:
     >>> import tempfile, jax.numpy as jnp, orbax.checkpoint as ocp
@@ -91,11 +95,8 @@ def execute(
     >>> execute(fws.plan(state, path), state)["w"].tolist()
     [1.0, 1.0]
   """
-  if is_nnx_split(state):
-    graphdef, inner = state
-    inner_fn = None if init_fn is None else lambda: unwrap_split(init_fn())
-    return (graphdef, execute(plan, inner, rng=rng, init_fn=inner_fn, show_progress=show_progress))  # type: ignore[return-value]
-  variables, leaves, treedef = flatten_state(state)
+  form = state_lib.recognise(state)
+  variables, leaves, treedef = flatten_state(form.tree)
   if [v.name for v in variables] != [leaf.name for leaf in plan.leaves]:
     raise WarmStartError(
       "This plan was built for a state with other variables; build it again with"
@@ -110,9 +111,34 @@ def execute(
     raise WarmStartError(
       changed, header="This plan was built for a state of other shapes or dtypes; build it again for this state"
     )
+  # A PRNG key goes through the read and merge as its key data (what a checkpoint holds), and comes back a key.
+  keys = [i for i, v in enumerate(variables) if v.leaf_kind is LeafKind.KEY]
+  stored = list(leaves)
+  for i in keys:
+    stored[i] = _key_data(leaves[i])
   with progress(show_progress) as update:
-    new_leaves = execute_leaves(plan, leaves, rng=rng, init_fn=init_fn, state=state, treedef=treedef, update=update)
-  return jax.tree_util.tree_unflatten(treedef, new_leaves)
+    new_leaves = execute_leaves(plan, stored, rng=rng, init_fn=init_fn, state=form.tree, treedef=treedef, update=update)
+  for i in keys:
+    new_leaves[i] = _as_key(new_leaves[i], leaves[i], plan.leaves[i].action, variables[i].key_impl)
+  # NNX objects come back as new objects (nnx.merge), a split pair as (graphdef, new state).
+  return form.rebuild(jax.tree_util.tree_unflatten(treedef, new_leaves))
+
+
+def _key_data(key: Any) -> Any:
+  """A typed PRNG key leaf as its key data: an array, or abstractly with the key's sharding."""
+  if isinstance(key, jax.ShapeDtypeStruct):
+    data = jax.eval_shape(jax.random.key_data, key)
+    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=key.sharding)
+  return jax.random.key_data(key)
+
+
+def _as_key(value: Any, live: Any, action: Action, impl: str | None) -> Any:
+  """A key leaf after execution: kept as it was, computed by `init_fn` (a key already), or loaded key data wrapped."""
+  if action is Action.KEEP:
+    return live
+  if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+    return value
+  return jax.random.wrap_key_data(value, impl=impl)
 
 
 def execute_leaves(

@@ -31,6 +31,8 @@ def human_bytes(n: int) -> str:
 
 def _cells(row: LeafPlan) -> tuple[str, ...]:
   dtype = str(row.dtype) if not row.cast else f"{row.source_dtype}->{row.dtype}"
+  if row.kind not in ("array", "scalar"):  # a PRNG key (its key data's shape), a string, an object
+    dtype = row.kind
   source = "" if row.source in (None, row.name) else row.source
   read = human_bytes(row.nbytes) if row.nbytes else ""
   return (row.name, str(row.action), source, str(row.shape), dtype, read, row.sharding, row.reason)
@@ -124,6 +126,7 @@ def _row_dict(plan: WarmStartPlan, row: LeafPlan) -> dict[str, Any]:
     "checkpoint": None if row.checkpoint is None else index[id(row.checkpoint)],
     "shape": list(row.shape),
     "dtype": str(row.dtype),
+    "kind": row.kind,
     "source_shape": None if row.source_shape is None else list(row.source_shape),
     "source_dtype": None if row.source_dtype is None else str(row.source_dtype),
     "cast": row.cast,

@@ -466,9 +466,11 @@ def restore(source: OrbaxSource, targets: Mapping[str, jax.ShapeDtypeStruct | No
     if spec is not None and spec.sharding is not None and isinstance(meta, ocp.metadata.ArrayMetadata):
       item[index] = spec
       args[index] = ocp.ArrayRestoreArgs(sharding=spec.sharding, dtype=spec.dtype, global_shape=spec.shape)
-    else:
+    elif isinstance(meta, ocp.metadata.ArrayMetadata):
       item[index] = meta
       args[index] = ocp.RestoreArgs(restore_type=np.ndarray, dtype=None if spec is None else spec.dtype)
+    else:  # a string or another value Orbax does not store as an array: restored as it was saved
+      item[index] = meta
   restored = ocp.PyTreeCheckpointHandler().restore(
     source.path,
     args=ocp.args.PyTreeRestore(
