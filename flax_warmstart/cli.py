@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -70,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
   p = verb("inspect", "names, shapes, dtypes and bytes of a checkpoint", "CKPT")
   p.add_argument("--filter", metavar="REGEX", help="only names that re.search this regex")
   p.add_argument("--item", help="item of a step directory with several items")
+  p.add_argument("--step", type=_step_arg, help="step of a directory of steps: a number, or min:METRIC / max:METRIC")
   verb("diff", "compare the names, shapes and dtypes of two checkpoints", "OLD", "NEW")
   plan = verb("plan", "show the plan for warm-starting NEW's structure from OLD", "OLD", "NEW")
   run = verb("run", "warm-start NEW from OLD offline and write the result to OUT", "OLD", "NEW", "OUT")
@@ -82,9 +84,19 @@ def _parser() -> argparse.ArgumentParser:
   run.add_argument("--no-progress", action="store_true", help="no progress display")
   for p in (plan, run):
     p.add_argument(
+      "--step",
+      type=_step_arg,
+      help="step of OLD when it is a directory of steps (a number, or min:METRIC / max:METRIC); overrides the"
+      " settings' ckpt_step",
+    )
+    p.add_argument(
       "--settings", metavar="FILE", help="WarmStartSettings as JSON, YAML or Gin (.gin, needs the gin extra)"
     )
   return parser
+
+
+def _step_arg(text: str) -> int | str:
+  return int(text) if text.isdigit() else text
 
 
 def load_settings(path: str | None, old: str) -> WarmStartSettings:
@@ -142,7 +154,7 @@ def load_settings(path: str | None, old: str) -> WarmStartSettings:
 
 
 def _inspect(args: argparse.Namespace) -> dict[str, Any]:
-  ckpt = open_source(args.ckpt, item=args.item)
+  ckpt = open_source(args.ckpt, item=args.item, step=args.step)
   try:
     regex = re.compile(args.filter) if args.filter else None
   except re.error as err:
@@ -154,7 +166,7 @@ def _inspect(args: argparse.Namespace) -> dict[str, Any]:
   ]
   return {
     "checkpoint": args.ckpt,
-    "path": str(ckpt.path),
+    "path": ckpt.location,
     "step": ckpt.step,
     "variables": rows,
     "bytes": sum(r["bytes"] for r in rows),
@@ -219,7 +231,9 @@ def _plan(args: argparse.Namespace) -> tuple[Any, Any, Any]:
   if settings.optimizer_state == "reset":
     check_can_reset(None)  # refused before anything is read: a checkpoint holds no optimizer
   new = open_source(args.new)
-  old = open_source(args.old, item=settings.ckpt_item, prefer_names=list(new.variables))
+  if args.step is not None:
+    settings = dataclasses.replace(settings, ckpt_step=args.step)
+  old = open_source(args.old, item=settings.ckpt_item, prefer_names=list(new.variables), step=settings.ckpt_step)
   variables = list(new.variables.values())
   leaves = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in variables]
   return bind_leaves(build_plan(variables, leaves, old, settings), leaves, abstract_is_init=False), new, settings

@@ -116,13 +116,13 @@ def _build_plan(
   inner = unwrap_split(state)
   variables, leaves, _ = flatten_state(inner)
   names = [v.name for v in variables]
-  cache: dict[tuple[str, str | None], Source] = {}
+  cache: dict[tuple[str, str | None, int | str | None], Source] = {}
   plans, errors = [], []
   for k, source in enumerate(sources):
-    key = (_normalize(source.ckpt_to_initialize_from), source.ckpt_item)
+    key = (_normalize(source.ckpt_to_initialize_from), source.ckpt_item, source.ckpt_step)
     try:
       if key not in cache:  # each checkpoint's metadata is read once
-        cache[key] = open_source(key[0], item=key[1], prefer_names=names)
+        cache[key] = open_source(key[0], item=key[1], prefer_names=names, step=key[2])
       plans.append(build_plan(variables, leaves, cache[key], source))
     except WarmStartError as err:
       errors.append((k, err))

@@ -83,22 +83,26 @@ def _host_copy(source: Any, index: tuple[Any, ...], out: np.ndarray, out_index: 
   Copied in blocks of about `_PIECE_BYTES` along axis 0 (a whole array) or
   along the gather axis (`out_index = (*lead, kept)`, old rows taken in file
   order), so that no temporary holds more than a block and a source that maps
-  its file drops each block's pages.
+  its file drops each block's pages. A source with a `check()` method (one
+  that checksums its bytes while they are copied: TensorFlow's CRC32C) is
+  checked after the copy; it raises if they were damaged.
   """
   axis = len(out_index) - 1 if index else 0
   if out.ndim == 0 or out.nbytes <= _PIECE_BYTES or not out.shape[axis]:
     out[out_index or (Ellipsis,)] = source[index] if index else np.asarray(source)
-    return
-  per = max(1, _PIECE_BYTES // (out.nbytes // out.shape[axis]))
-  if not index:
+  elif not index:
+    per = max(1, _PIECE_BYTES // (out.nbytes // out.shape[0]))
     for start in range(0, out.shape[0], per):
       out[start : start + per] = source[start : start + per]
-    return
-  kept, old = out_index[-1], index[axis]
-  order = np.argsort(old, kind="stable")
-  for start in range(0, len(order), per):
-    block = order[start : start + per]
-    out[(*out_index[:-1], kept[block])] = source[(*index[:axis], old[block], *index[axis + 1 :])]
+  else:
+    per = max(1, _PIECE_BYTES // (out.nbytes // out.shape[axis]))
+    kept, old = out_index[-1], index[axis]
+    order = np.argsort(old, kind="stable")
+    for start in range(0, len(order), per):
+      block = order[start : start + per]
+      out[(*out_index[:-1], kept[block])] = source[(*index[:axis], old[block], *index[axis + 1 :])]
+  if hasattr(source, "check"):
+    source.check()
 
 
 def whole(store: ts.TensorStore | np.ndarray, dtype: Any, *, label: str = "a tensor") -> Read:

@@ -210,6 +210,7 @@ def settings_to_dict(settings: WarmStartSettings) -> dict[str, Any]:
     "var_name_to_prev_var_name": dict(settings.var_name_to_prev_var_name),
     "skip_missing": settings.skip_missing,
     "ckpt_item": settings.ckpt_item,
+    "ckpt_step": settings.ckpt_step if not hasattr(settings.ckpt_step, "item") else settings.ckpt_step.item(),
     "rename_rules": [list(rule) for rule in settings.rename_rules],
     "optimizer_state": settings.optimizer_state,
     "step": settings.step,

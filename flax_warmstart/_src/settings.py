@@ -312,6 +312,12 @@ class WarmStartSettings:
     step: What happens to the root `step`: `"select"` (default), `"load"`
       (continue from the old step: learning-rate schedules continue),
       `"reset"` (start at 0: schedules restart), `"keep"` (the live value).
+    ckpt_step: Which step of a directory of steps (a `CheckpointManager` root,
+      a run directory of `checkpoint_<step>` checkpoints) to read: None (the
+      default) for the newest, a step number, or `"min:<metric>"` /
+      `"max:<metric>"` for the best step by a metric saved with it (Orbax
+      saves a step's `metrics` when the manager has a `best_fn`; the metric
+      and its direction are named here because Orbax does not record them).
 
   Raises:
     WarmStartError: Listing every invalid value at once (a `skip_missing`
@@ -335,6 +341,7 @@ class WarmStartSettings:
   rename_rules: Sequence[tuple[str, str | None]] = ()
   optimizer_state: Policy = "select"
   step: Policy = "select"
+  ckpt_step: int | str | None = None
 
   @classmethod
   def from_dict(cls, data: Mapping[str, Any], **kwargs: Any) -> WarmStartSettings:
@@ -405,6 +412,16 @@ class WarmStartSettings:
       problems.append(f"`skip_missing` must be True or False (a bool), got {_show(self.skip_missing)}.")
     if self.ckpt_item is not None and not isinstance(self.ckpt_item, str):
       problems.append(f"`ckpt_item` must be an item name (str) or None, got {self.ckpt_item!r}.")
+    step = self.ckpt_step
+    if not (
+      step is None
+      or (isinstance(step, int | np.integer) and not isinstance(step, bool | np.bool_) and step >= 0)
+      or (isinstance(step, str) and re.fullmatch(r"(min|max):.+", step))
+    ):
+      problems.append(
+        "`ckpt_step` must be None (the newest step), a step number (int >= 0), or 'min:<metric>' /"
+        f" 'max:<metric>' (the best step by a saved metric), got {_show(step)}."
+      )
     object.__setattr__(self, "rename_rules", _normalize_rules(self.rename_rules, problems))
     for field in ("optimizer_state", "step"):
       if getattr(self, field) not in POLICIES:

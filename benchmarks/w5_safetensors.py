@@ -1,0 +1,188 @@
+"""W5 (safetensors half): warm start with a vocabulary remap from a safetensors file.
+
+Builds (once, in --workdir) the W1 table as `model.safetensors` (written by the
+`safetensors` package, the `safetensors` extra): a 262,144 x 1,024 float32
+embedding plus 64 MiB of dense kernels, an old vocabulary of 262,144 tokens
+and a new one of 300,000 tokens of which 80 % exist in the old one (shuffled;
+new rows are zero). Then times, alternating methods in fresh subprocesses (so
+each peak RSS is its own), with the page cache warmed by reading the file
+before each run:
+
+  native     safetensors.numpy.load_file (every tensor), the numpy remap
+             (fancy-index into a new table, zero the new rows) and
+             jax.device_put: the format's own reader
+  fws        flax_warmstart.warm_start with a VocabInfo from an abstract state
+             (jax.eval_shape: nothing allocated before the call): the kept
+             rows are read from the file straight into the new table
+  fws_live   the same into a live state that already exists (the new model's
+             fresh 1.2 GiB), as in a training script
+
+Neither `native` nor `fws` holds a state before the call, so both end with
+the same final state. Peak RSS is the process's `VmHWM`; "added" is the peak
+minus the RSS just before the timed call (the imports and runtimes), i.e.
+what the warm start itself held at its peak. Prints per-run times and peaks,
+then medians and ratios against `native`, and the final state's bytes.
+
+Example:
+  python benchmarks/w5_safetensors.py --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+from _common import finish_build, is_built, peak_rss_bytes, warm_cache
+
+OLD_ROWS, DIM, NEW_ROWS, OVERLAP = 262_144, 1_024, 300_000, 0.8
+DENSE = {"dense_0/kernel": (2048, 4096), "dense_1/kernel": (2048, 4096)}  # 64 MiB of float32
+EMB = "embedder/embedding"
+FINAL_BYTES = (NEW_ROWS * DIM + sum(a * b for a, b in DENSE.values())) * 4
+WANTED = {"old_rows": OLD_ROWS, "dim": DIM, "new_rows": NEW_ROWS, "overlap": OVERLAP, "format": "safetensors"}
+
+
+def _rss_bytes() -> int:
+  with open("/proc/self/status") as f:
+    return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
+
+
+def build(workdir: str) -> None:
+  """Writes the safetensors file and the vocabularies once."""
+  if is_built(workdir, WANTED):
+    return
+  import numpy as np
+  from safetensors.numpy import save_file
+
+  os.makedirs(workdir, exist_ok=True)
+  rng = np.random.default_rng(0)
+  old_tokens = [f"tok{i}" for i in range(OLD_ROWS)]
+  n_keep = int(NEW_ROWS * OVERLAP)
+  kept = rng.choice(OLD_ROWS, size=n_keep, replace=False)
+  new_tokens = [old_tokens[i] for i in kept] + [f"new{i}" for i in range(NEW_ROWS - n_keep)]
+  rng.shuffle(new_tokens)
+  with open(os.path.join(workdir, "old.txt"), "w") as f:
+    f.write("\n".join(old_tokens))
+  with open(os.path.join(workdir, "new.txt"), "w") as f:
+    f.write("\n".join(new_tokens))
+  values = {EMB: rng.standard_normal((OLD_ROWS, DIM), dtype=np.float32)}
+  values.update({k: rng.standard_normal(s, dtype=np.float32) for k, s in DENSE.items()})
+  os.makedirs(os.path.join(workdir, "st"), exist_ok=True)
+  save_file({k.replace("/", "."): v for k, v in values.items()}, os.path.join(workdir, "st", "model.safetensors"))
+  finish_build(workdir, WANTED)
+
+
+def run_one(method: str, workdir: str) -> dict[str, float]:
+  """One timed run in this (fresh) process."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  ckpt = os.path.join(workdir, "st", "model.safetensors")
+
+  def init():
+    return {
+      "params": {
+        "embedder": {"embedding": jnp.zeros((NEW_ROWS, DIM), jnp.float32)},
+        **{k.split("/")[0]: {"kernel": jnp.ones(s, jnp.float32)} for k, s in DENSE.items()},
+      }
+    }
+
+  if method == "native":
+    from safetensors.numpy import load_file  # imported before timing, like flax_warmstart below
+
+    jax.device_put(np.zeros(1)).block_until_ready()  # the runtime is up, as for fws
+    before = _rss_bytes()
+    start = time.perf_counter()
+    tensors = load_file(ckpt)
+    old_index = {t: i for i, t in enumerate(open(os.path.join(workdir, "old.txt")).read().split("\n"))}
+    index = np.array([old_index.get(t, -1) for t in open(os.path.join(workdir, "new.txt")).read().split("\n")])
+    old = tensors.pop(EMB.replace("/", "."))
+    new = old[np.maximum(index, 0)]
+    new[index < 0] = 0
+    del old
+    out = {
+      "params": {
+        "embedder": {"embedding": jax.device_put(new)},
+        **{k.split("/")[0]: {"kernel": jax.device_put(tensors[k.replace("/", ".")])} for k in DENSE},
+      }
+    }
+  elif method in ("fws", "fws_live"):
+    import flax_warmstart as fws
+
+    live = jax.eval_shape(init) if method == "fws" else jax.block_until_ready(init())
+    jax.device_put(np.zeros(1)).block_until_ready()
+    before = _rss_bytes()
+    start = time.perf_counter()
+    info = fws.VocabInfo(
+      new_vocab=os.path.join(workdir, "new.txt"),
+      new_vocab_size=NEW_ROWS,
+      num_oov_buckets=0,
+      old_vocab=os.path.join(workdir, "old.txt"),
+    )
+    settings = fws.WarmStartSettings(ckpt, var_name_to_vocab_info={EMB: info})
+    out = fws.warm_start(live, settings)
+  else:
+    raise ValueError(method)
+  jax.block_until_ready(out)
+  seconds = time.perf_counter() - start
+  peak = peak_rss_bytes()
+  return {"seconds": seconds, "peak_gib": peak / 2**30, "added_gib": (peak - before) / 2**30}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument(
+    "--workdir", default="/tmp/fws_bench_w5_safetensors", help="where the checkpoint is built (reused)"
+  )
+  parser.add_argument("--runs", type=int, default=3, help="runs per method")
+  parser.add_argument("--methods", default="native,fws,fws_live", help="comma-separated subset")
+  parser.add_argument("--pause", type=float, default=3.0, help="seconds between runs")
+  parser.add_argument("--one", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.one:
+    print(json.dumps(run_one(args.one, args.workdir)))
+    return
+  build(args.workdir)
+  methods = args.methods.split(",")
+  results: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
+  env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+  for run in range(args.runs):
+    for method in methods:  # alternate methods so drift hits all alike
+      warm_cache(os.path.join(args.workdir, "st"))
+      time.sleep(args.pause)
+      out = subprocess.run(
+        [sys.executable, __file__, "--workdir", args.workdir, "--one", method],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+      )
+      result = json.loads(out.stdout.strip().splitlines()[-1])
+      results[method].append(result)
+      print(
+        f"run {run} {method:9s} {result['seconds']:7.2f} s  peak {result['peak_gib']:.2f} GiB"
+        f"  added {result['added_gib']:.2f} GiB",
+        flush=True,
+      )
+  print(
+    f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+  )
+  final = FINAL_BYTES / 2**30
+  print(f"final state: {final:.2f} GiB")
+  print(f"{'method':9s} {'median s':>9s} {'peak GiB':>9s} {'added GiB':>10s} {'x native':>9s} {'added/final':>12s}")
+  for m in methods:
+    med = statistics.median(r["seconds"] for r in results[m])
+    peak = statistics.median(r["peak_gib"] for r in results[m])
+    added = statistics.median(r["added_gib"] for r in results[m])
+    native = statistics.median(r["seconds"] for r in results["native"]) if "native" in results else float("nan")
+    print(f"{m:9s} {med:9.2f} {peak:9.2f} {added:10.2f} {med / native:9.2f} {added / final:12.2f}")
+
+
+if __name__ == "__main__":
+  main()
