@@ -43,3 +43,14 @@ def test_the_command_line_takes_step(run, capsys):
   assert '"step": 1' in capsys.readouterr().out
   assert cli.main(["plan", run, run, "--step", "min:loss"]) == 0
   assert "@step 2" in capsys.readouterr().out
+
+
+def test_ckpt_step_in_a_tensorflow_directory_picks_that_prefix():
+  import os
+
+  saver = os.path.join(os.path.dirname(__file__), "fixtures", "tf", "saver")
+  assert (
+    fws.plan({"unused": jnp.zeros(1)}, fws.WarmStartSettings(saver, vars_to_warm_start="zzz")).checkpoints[0].step == 20
+  )
+  plan = fws.plan({"unused": jnp.zeros(1)}, fws.WarmStartSettings(saver, vars_to_warm_start="zzz", ckpt_step=10))
+  assert plan.checkpoints[0].step == 10 and plan.checkpoints[0].format == "tensorflow"

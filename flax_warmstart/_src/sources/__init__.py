@@ -84,7 +84,9 @@ def open_source(
     return location
   requested = os.fspath(location)
   path = locate.local_path(requested)
-  if step is not None:
+  if step is not None and isinstance(step, int) and is_tensorflow(path) and os.path.isdir(path):
+    source = open_tensorflow(path, item=item, prefer_names=prefer_names, step=step)  # <prefix>-<step>
+  elif step is not None:
     if not rundir.has_steps(path):
       raise WarmStartError(
         f"step={step!r} was asked for, but {requested} is not a directory of checkpoint steps (a CheckpointManager"
