@@ -1,6 +1,16 @@
-"""Shared fixtures: 8 CPU devices, tiny real Flax models, real Orbax checkpoints."""
+"""Shared fixtures: 8 CPU devices, tiny real Flax models, real Orbax checkpoints.
 
+Session-scoped fixtures (`adam_mlp`, `adam_mlp_run`, `mesh`) are built once for
+the whole run and shared by every test file: read them, never change them (no
+test may write into their directories or mutate their states; the library
+never mutates its inputs). A test that damages or rewrites a checkpoint writes
+its own under `tmp_path`.
+"""
+
+import contextlib
+import io
 import os
+from typing import Any, NamedTuple
 
 # Must happen before jax is imported anywhere: gives the tests an 8-device CPU
 # mesh to shard over.
@@ -97,6 +107,65 @@ def nest(flat):
       node = node.setdefault(s, {})
     node[leaf] = value
   return out
+
+
+class Saved(NamedTuple):
+  """A state and the path of its checkpoint; unpacks as `state, path = saved`."""
+
+  state: Any
+  path: str
+
+
+class CliResult(NamedTuple):
+  """What `run_cli` returns: the exit code and what the command printed."""
+
+  returncode: int
+  stdout: str
+  stderr: str
+
+
+def run_cli(*args, cwd=None):
+  """Runs `flax-warmstart ARGS` in this process (`cli.main`), capturing stdout and stderr.
+
+  Usage errors and `--help` leave argparse through `SystemExit`: their code is
+  the exit code. `cwd` is the working directory for the command's duration.
+  """
+  from flax_warmstart import cli
+
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.ExitStack() as stack:
+    if cwd is not None:
+      stack.enter_context(contextlib.chdir(cwd))
+    stack.enter_context(contextlib.redirect_stdout(out))
+    stack.enter_context(contextlib.redirect_stderr(err))
+    try:
+      code = cli.main([os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in args])
+    except SystemExit as exit_:
+      code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+  return CliResult(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="session")
+def adam_mlp(tmp_path_factory):
+  """`make_state(MLP(), optax.adam(1e-2), seed=0, steps=2)` and its Orbax checkpoint (StandardCheckpointer).
+
+  Session-wide and read-only: `state, path = adam_mlp`.
+  """
+  state = make_state(MLP(), optax.adam(1e-2), seed=0, steps=2)
+  return Saved(state, save_checkpoint(tmp_path_factory.mktemp("adam_mlp") / "ckpt", state))
+
+
+@pytest.fixture(scope="session")
+def adam_mlp_run(tmp_path_factory, adam_mlp):
+  """`adam_mlp`'s state as step 2 of a CheckpointManager root: `state, root = adam_mlp_run`. Read-only."""
+  return Saved(adam_mlp.state, save_manager_step(tmp_path_factory.mktemp("adam_mlp_run") / "run", 2, adam_mlp.state))
+
+
+@pytest.fixture(scope="session")
+def mesh():
+  """The (2, 4) mesh of the 8 CPU devices, axes ("a", "b")."""
+  assert jax.device_count() == 8
+  return jax.make_mesh((2, 4), ("a", "b"))
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import MLP, assert_trees_equal, make_state, save_checkpoint, save_manager_step
+from conftest import MLP, assert_trees_equal, save_checkpoint, save_manager_step
 from flax import nnx
 from flax.training import train_state
 from jax.sharding import NamedSharding
@@ -28,9 +28,9 @@ def _create(model, seed=1):
 
 
 @pytest.fixture
-def old(tmp_path):
-  state = make_state(MLP(features=4), seed=0, steps=2)
-  return state, save_checkpoint(tmp_path / "old", state)
+def old(adam_mlp):
+  """`make_state(MLP(features=4), seed=0, steps=2)` and its checkpoint: the session's, read-only."""
+  return adam_mlp
 
 
 def test_abstract_train_state_equals_the_concrete_warm_start(old):

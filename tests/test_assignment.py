@@ -211,8 +211,7 @@ def test_scope_into_an_existing_variable_is_a_one_to_one_mapping(cu_ckpt, no_rea
 # each result keeps its live sharding.
 
 
-def test_cu7_partitioned_to_sharded(tmp_path):
-  mesh = jax.make_mesh((2, 4), ("a", "b"))
+def test_cu7_partitioned_to_sharded(tmp_path, mesh):
   value = np.arange(100 * 100, dtype=np.float32).reshape(100, 100)
   saved = jax.device_put(value, NamedSharding(mesh, P("a", None)))
   path = save_checkpoint(tmp_path / "ckpt", {"scope": {"var1": saved}})
@@ -437,9 +436,9 @@ def test_scope_mapping_checks_shapes(cu_ckpt, no_reads):
 
 
 @pytest.fixture(scope="module")
-def old_train(tmp_path_factory):
-  state = make_state(MLP(), optax.adam(1e-2), seed=0, steps=2)
-  return state, save_checkpoint(tmp_path_factory.mktemp("train") / "old", state)
+def old_train(adam_mlp):
+  """The session's Adam MLP TrainState after 2 steps and its checkpoint (read-only)."""
+  return adam_mlp
 
 
 def test_root_to_root_restores_a_whole_train_state(old_train):

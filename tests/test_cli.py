@@ -1,11 +1,14 @@
-"""The `flax-warmstart` command line (flax_warmstart/cli.py), run as a real subprocess.
+"""The `flax-warmstart` command line (flax_warmstart/cli.py).
 
-Every test starts `python -m flax_warmstart.cli ...` on real Orbax checkpoints
-written once per module: OLD is a CheckpointManager root (an Adam-trained MLP
-TrainState at step 2), NEW a checkpoint of a changed model (the `encoder` scope
-renamed `backbone`, a wider `head`), plus a small vocabulary case. Exit codes:
-0 success, 1 a request that cannot be carried out (one `flax-warmstart: error:`
-message, never a traceback), 2 a usage error.
+Most tests call `cli.main(argv)` in this process (`conftest.run_cli`: it
+returns the exit code; stdout and stderr are captured). One smoke test starts
+a real `python -m flax_warmstart.cli run` subprocess, from relative paths (the
+`warm` fixture, whose output three tests check). OLD is a CheckpointManager
+root (the session's Adam-trained MLP TrainState at step 2, `adam_mlp_run`),
+NEW a checkpoint of a changed model (the `encoder` scope renamed `backbone`, a
+wider `head`), plus a small vocabulary case. Exit codes: 0 success, 1 a request
+that cannot be carried out (one `flax-warmstart: error:` message, never a
+traceback), 2 a usage error.
 """
 
 import json
@@ -18,7 +21,7 @@ import types
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import MLP, make_state, save_checkpoint, save_manager_step
+from conftest import MLP, make_state, run_cli, save_checkpoint
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 ERROR = "flax-warmstart: error:"
@@ -50,7 +53,12 @@ NEW_VOCAB = ["c", "z", "a", "b"]  # z is new: its row comes from the backup init
 
 
 def cli(*args, cwd=None):
-  """Runs `flax-warmstart ARGS` in a fresh interpreter."""
+  """Runs `flax-warmstart ARGS` in this process: `(returncode, stdout, stderr)`."""
+  return run_cli(*args, cwd=cwd)
+
+
+def cli_subprocess(*args, cwd=None):
+  """Runs `flax-warmstart ARGS` in a fresh interpreter (`python -m flax_warmstart.cli`)."""
   return subprocess.run(
     [sys.executable, "-m", "flax_warmstart.cli", *map(str, args)],
     capture_output=True,
@@ -96,11 +104,10 @@ def restore(path):
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
+def ckpts(tmp_path_factory, adam_mlp_run):
   root = tmp_path_factory.mktemp("cli")
-  old_state = make_state(MLP(), seed=0, steps=2)
+  old_state, old = adam_mlp_run  # read-only: shared by the session
   new_state = make_state(MLP(encoder_name="backbone", outputs=3), seed=1, steps=1)
-  old = save_manager_step(root / "old", 2, old_state)
   new = save_checkpoint(root / "new", new_state)
   (root / "rename.yaml").write_text(RENAME_YAML)
   (root / "rename.json").write_text(json.dumps(RENAME_JSON))
@@ -348,9 +355,10 @@ def test_optimizer_reset_is_refused_offline_before_reading(ckpts, tmp_path):
 
 @pytest.fixture(scope="module")
 def warm(ckpts):
-  """`run` with the rename settings, from OLD's directory with relative paths."""
-  result = cli("run", "old", "new", "warm", "--settings", "rename.yaml", "--no-progress", cwd=ckpts.root)
-  return types.SimpleNamespace(result=result, out=ckpts.root / "warm")
+  """`run` with the rename settings, with paths relative to NEW's directory: a real subprocess (smoke test)."""
+  old = os.path.relpath(ckpts.old, ckpts.root)
+  result = cli_subprocess("run", old, "new", "warm", "--settings", "rename.yaml", "--no-progress", cwd=ckpts.root)
+  return types.SimpleNamespace(result=result, out=ckpts.root / "warm", old=old)
 
 
 def check_warm_checkpoint(path, ckpts):
@@ -368,9 +376,9 @@ def check_warm_checkpoint(path, ckpts):
   assert int(out["opt_state"][0]["count"]) == int(old.opt_state[0].count) == 2
 
 
-def test_run_writes_the_warm_started_checkpoint(warm, ckpts):
+def test_run_in_a_subprocess_writes_the_warm_started_checkpoint(warm, ckpts):
   assert_ok(warm.result)
-  assert warm.result.stdout.startswith("Wrote warm: 8 of 14 leaves from old@step 2"), warm.result.stdout
+  assert warm.result.stdout.startswith(f"Wrote warm: 8 of 14 leaves from {warm.old}@step 2"), warm.result.stdout
   check_warm_checkpoint(warm.out, ckpts)
 
 

@@ -37,9 +37,8 @@ def test_every_sample_is_tested():
   )
 
 
-def test_all_params(tmp_path):
-  old = make_state(MLP(), optax.adam(1e-2), seed=0, steps=2)
-  ckpt = save_checkpoint(tmp_path / "old", old)
+def test_all_params(adam_mlp):
+  old, ckpt = adam_mlp
   new = make_state(MLP(), optax.adam(1e-2), seed=1, steps=1)
   out = fws.warm_start(new, settings_from("all_params.gin", INITIAL_CHECKPOINT=ckpt))
   assert_trees_equal(out.params, old.params)

@@ -1,12 +1,9 @@
 """Gin bindings (flax_warmstart/gin.py): configurables, settings from .gin files, the CLI."""
 
-import subprocess
-import sys
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import save_checkpoint
+from conftest import run_cli, save_checkpoint
 
 gin = pytest.importorskip("gin")
 import flax_warmstart as fws  # noqa: E402
@@ -75,20 +72,6 @@ def test_cli_reads_gin_settings(tmp_path):
   save_checkpoint(tmp_path / "new", {"params": {"backbone": {"w": jnp.zeros(2)}}})
   path = tmp_path / "ws.gin"
   path.write_text('flax_warmstart.WarmStartSettings.var_name_to_prev_var_name = {"backbone/w": "enc/w"}\n')
-  out = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "flax_warmstart.cli",
-      "plan",
-      str(tmp_path / "old"),
-      str(tmp_path / "new"),
-      "--settings",
-      str(path),
-    ],
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+  out = run_cli("plan", tmp_path / "old", tmp_path / "new", "--settings", path)
   assert out.returncode == 0, out.stderr
   assert "backbone/w" in out.stdout and "enc/w" in out.stdout and "load" in out.stdout

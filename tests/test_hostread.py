@@ -1,4 +1,8 @@
-"""Reads into our own host buffers (flax_warmstart/hostread.py) and when `warm_start` uses them."""
+"""Reads into our own host buffers (flax_warmstart/_src/hostread.py): whole tensors, kept rows, streamed chunks.
+
+Which leaves `warm_start` reads this way (and which through the source's restore) is tested in test_read.py;
+the gather backends against `hostread.rows` in test_transform.py.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +11,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import save_checkpoint
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import flax_warmstart as fws
 from flax_warmstart._src import hostread
@@ -80,77 +82,6 @@ def test_run_bounds_the_bytes_in_flight(monkeypatch, saved):
   assert peak[0] == 240
 
 
-def _orbax_targets(monkeypatch):
-  """Records what `warm_start` leaves to Orbax's restore."""
-  seen = []
-  restore = checkpoint_lib.restore
-
-  def recording(checkpoint, targets):
-    seen.extend(targets)
-    return restore(checkpoint, targets)
-
-  monkeypatch.setattr(checkpoint_lib, "restore", recording)
-  return seen
-
-
-def test_one_device_state_is_read_into_its_own_buffers(monkeypatch, saved):
-  table, path = saved
-  seen = _orbax_targets(monkeypatch)
-  live = {"params": {"emb": jnp.zeros((7, 5)), "ids": jnp.zeros(4, jnp.int32)}, "step": 0}
-  info = fws.VocabInfo(["f", "x", "a"], 3, num_oov_buckets=0, old_vocab=list("abcdef"))
-  settings = fws.WarmStartSettings(path, vars_to_warm_start=[".*"], var_name_to_vocab_info={"emb": info})
-  with pytest.raises(fws.WarmStartError, match=r"ckpt: 1 problem\n  - 'emb': 7 rows exceed new_vocab_size \(3\)"):
-    fws.warm_start(live, settings)
-  live["params"]["emb"] = jnp.zeros((3, 5))
-  out = fws.warm_start(live, settings)
-  assert seen == ["step"]  # only the Python int went through Orbax
-  np.testing.assert_array_equal(out["params"]["emb"], table[np.array([5, 0, 0])] * np.array([[1], [0], [1]]))
-  assert out["params"]["emb"].unsafe_buffer_pointer() % 64 == 0
-  np.testing.assert_array_equal(out["params"]["ids"], np.arange(4))
-  assert out["step"] == 3
-
-
-@pytest.mark.parametrize("spec", [P(), P("x"), P(None, "x"), P("a", "b")])
-def test_sharded_state_is_read_shard_by_shard_into_its_own_buffers(monkeypatch, saved, spec):
-  """Each addressable shard is read on its own into an aligned buffer its device adopts; Orbax reads nothing."""
-  table, path = saved
-  seen = _orbax_targets(monkeypatch)
-  mesh = jax.make_mesh((8,), ("x",)) if "a" not in spec else jax.make_mesh((2, 4), ("a", "b"))
-  big = np.arange(8 * 16, dtype=np.float32).reshape(8, 16)
-  path = save_checkpoint(path + "_big", {"params": {"emb": big}})
-  sharding = NamedSharding(mesh, spec)
-  live = {"params": {"emb": jax.device_put(jnp.zeros((8, 16)), sharding)}}
-  out = fws.warm_start(live, path)
-  assert seen == []
-  np.testing.assert_array_equal(out["params"]["emb"], big)
-  assert out["params"]["emb"].sharding == sharding
-  for shard in out["params"]["emb"].addressable_shards:
-    assert shard.data.unsafe_buffer_pointer() % 64 == 0
-
-
-@pytest.mark.parametrize("axis", [0, 1])
-def test_a_sharded_remap_reads_each_shards_kept_rows(monkeypatch, tmp_path, axis):
-  """The gather runs per shard: only the old rows a shard keeps, of its columns; new rows filled in the shard."""
-  rng = np.random.default_rng(0)
-  old = rng.normal(size=(6, 12) if axis == 0 else (12, 6)).astype(np.float32)
-  path = save_checkpoint(tmp_path / "ckpt", {"t": old})
-  new_vocab = ["f", "x", "a", "c", "y", "b", "e", "d"]
-  info = fws.VocabInfo(new_vocab, 8, 0, list("abcdef"), backup_initializer=jax.nn.initializers.constant(7.0), axis=axis)
-  settings = fws.WarmStartSettings(path, vars_to_warm_start=[".*"], var_name_to_vocab_info={"t": info})
-  shape = (8, 12) if axis == 0 else (12, 8)
-  ref = fws.warm_start({"t": np.zeros(shape, np.float32)}, settings)["t"]
-  seen = _orbax_targets(monkeypatch)
-  mesh = jax.make_mesh((2, 4), ("a", "b"))
-  sharding = NamedSharding(mesh, P("a", "b"))
-  out = fws.warm_start({"t": jax.device_put(jnp.zeros(shape), sharding)}, settings)["t"]
-  assert seen == [] and out.sharding == sharding
-  np.testing.assert_array_equal(np.asarray(out), ref)
-  index = np.array([5, -1, 0, 2, -1, 1, 4, 3])
-  kept = np.take(old, index[index >= 0], axis=axis)
-  np.testing.assert_array_equal(np.take(np.asarray(out), np.flatnonzero(index >= 0), axis=axis), kept)
-  assert np.all(np.take(np.asarray(out), np.flatnonzero(index < 0), axis=axis) == 7.0)
-
-
 @pytest.fixture
 def stream_all(monkeypatch):
   """Streams every single-chunk array, however small (the threshold is 64 MiB)."""
@@ -204,18 +135,6 @@ def test_streamed_warm_start_equals_the_tensorstore_one(tmp_path, monkeypatch):
     np.testing.assert_array_equal(out["params"][name], expected["params"][name])
   np.testing.assert_array_equal(out["params"]["emb"][0], old[49])
   np.testing.assert_array_equal(out["params"]["emb"][-2:], np.full((2, 4), 7.0))
-
-
-def test_a_failed_read_names_the_tensor_and_the_checkpoint(tmp_path):
-  import pathlib
-
-  path = save_checkpoint(tmp_path / "ckpt", {"params": {"w": jnp.ones((4, 3))}})
-  live = {"params": {"w": jnp.zeros((4, 3))}}
-  plan = fws.plan(live, path)
-  for data in (pathlib.Path(path) / "d").iterdir():
-    data.write_bytes(b"")  # damaged after the plan was made
-  with pytest.raises(fws.WarmStartError, match=r"Reading 'w' .*from .*ckpt failed: .*save finished"):
-    fws.warm_start(live, plan=plan)
 
 
 @pytest.mark.parametrize("streamed", [True, False])

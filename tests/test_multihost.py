@@ -5,6 +5,8 @@ Two local processes with 4 CPU devices each join through `jax.distributed` (gloo
 (2, 4) global mesh and warm-start a changed model (a bigger, reordered vocabulary and a renamed
 scope) from it. Every shard each process holds must equal the same slice of the single-process
 result, computed here on a (2, 4) mesh of this process's 8 devices with the same shardings.
+
+Marked `slow` (it starts processes): `python -m pytest -m slow` runs it, as `.ci/run` does.
 """
 
 import os
@@ -22,6 +24,8 @@ import numpy as np
 import pytest
 
 import flax_warmstart as fws
+
+pytestmark = pytest.mark.slow
 
 WORKER = pathlib.Path(mw.__file__).resolve()
 NUM_PROCESSES = 2

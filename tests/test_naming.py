@@ -1,6 +1,8 @@
 """The naming contract (flax_warmstart/naming.py) on live states and checkpoints."""
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from conftest import MLP, make_state, save_checkpoint
@@ -79,3 +81,50 @@ def test_name_paths_slot_rule_needs_every_leaf_to_mirror():
   paths = [("params", "w"), ("params", "b"), ("opt", "mu", "w"), ("opt", "mu", "b"), ("opt", "count")]
   out = naming.name_paths(paths, [True, True, False, False, False], ("params",))
   assert [o[0] for o in out] == ["w", "b", "w/opt/mu", "b/opt/mu", "opt/count"]
+
+
+def test_model_and_optimizer_pairs_drop_their_keys_in_any_layout():
+  # Checkpoint trees (no NNX types): a pair of a model and an optimizer (opt_state and step), in a tuple or a dict.
+  w, mu = {"value": jnp.ones(2)}, {"value": jnp.zeros(2)}
+  optimizer = {"opt_state": {"0": {"mu": {"w": mu}, "count": {"value": 1}}}, "step": {"value": 3}}
+  want = {"w": "param", "w/opt_state/0/mu": "slot", "opt_state/0/count": "other", "step": "other"}
+  for tree in ({"0": {"w": w}, "1": optimizer}, {"model": {"w": w}, "optimizer": optimizer}):
+    named = {v.name: v.kind for v, _ in naming.flatten_checkpoint_tree(tree)}
+    assert named == want
+  # nnx.ModelAndOptimizer: the model inside the optimizer.
+  named = {v.name: v.kind for v, _ in naming.flatten_checkpoint_tree({"model": {"w": w}, **optimizer})}
+  assert named == want
+  # A Linen variables dict as the model of a pair: its params tree is found inside.
+  tree = {"model": {"params": {"w": w}}, "optimizer": optimizer}
+  assert {v.name: v.kind for v, _ in naming.flatten_checkpoint_tree(tree)} == want
+  # Two models, or a root of other entries, keep their keys.
+  assert fws.variable_names({"a": {"w": jnp.ones(2)}, "b": {"opt_state": jnp.ones(2)}}) == ["a/w", "b/opt_state"]
+
+
+def test_leaf_kinds_are_named_with_their_storage_shape_and_dtype():
+  state = {
+    "k": jax.random.key(0),
+    "r": jax.random.key(0, impl="rbg"),
+    "s": "PCG64",
+    "n": 3,
+    "f": np.float32(1),
+    "o": object(),
+  }
+  variables = {v.name: v for v in naming.flatten_state(state)[0]}
+  assert {n: v.label for n, v in variables.items()} == {
+    "k": "key<threefry2x32>",
+    "r": "key<rbg>",
+    "s": "str",
+    "n": "scalar",
+    "f": "scalar",
+    "o": "object",
+  }
+  assert (variables["k"].shape, variables["k"].dtype, variables["k"].rng) == ((2,), np.dtype("uint32"), True)
+  assert variables["r"].shape == (4,)
+  assert (variables["s"].dtype, variables["o"].type_name, variables["f"].type_name) == (
+    np.dtype("O"),
+    "object",
+    "float32",
+  )
+  abstract = naming.flatten_state(jax.eval_shape(lambda: {"k": jax.random.key(0, impl="rbg")}))[0][0]
+  assert (abstract.label, abstract.shape) == ("key<rbg>", (4,))

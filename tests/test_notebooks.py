@@ -1,7 +1,9 @@
 """The notebooks in notebooks/: executed top to bottom, stored clean, in sync with their jupytext twins.
 
 Executing needs nbclient, nbformat, ipykernel and matplotlib, the sync check
-jupytext; without them those tests are skipped.
+jupytext; without them those tests are skipped. Executing is marked `slow`
+(`python -m pytest -m slow` runs it, as `.ci/run` does); the checks of the
+stored files run by default.
 
 Each `notebooks/NAME.ipynb` is paired with `notebooks/NAME.py` (jupytext percent
 format). After editing either, run `jupytext --sync notebooks/NAME.ipynb` and
@@ -87,6 +89,7 @@ def test_jupytext_twin_in_sync(path):
   assert twin_cells == cells, f"{path.name} and its .py twin differ: run jupytext --sync {path.name}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
 def test_executes_top_to_bottom(path, tmp_path, monkeypatch):
   nbformat = pytest.importorskip("nbformat")

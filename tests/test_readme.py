@@ -46,6 +46,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from conftest import save_checkpoint, save_manager_step
+from flax import nnx
 from flax.training import train_state
 
 import flax_warmstart as fws
@@ -618,6 +619,44 @@ def abstract_state(snippet, tmp):
   assert_same(params(state), params(old))  # every parameter from the checkpoint
   assert_same(flat(state.opt_state), flat(fresh.opt_state))  # the rest from init_fn
   assert int(state.step) == 0
+
+
+class NNXStack(nnx.Module):
+  """The NNX twin of `Stack(("encoder", "head"))` (same names and shapes), with Dropout: it holds an RNG stream."""
+
+  def __init__(self, rngs):
+    self.encoder = nnx.Linear(4, 4, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.head = nnx.Linear(4, 4, rngs=rngs)
+
+
+def unboxed(tree) -> dict[str, np.ndarray]:
+  """`flat` of a tree of NNX Variables, without their `value` level."""
+  return {name.removesuffix("/value"): value for name, value in flat(tree).items()}
+
+
+@setup("nnx")
+def nnx_(snippet, tmp):
+  old = adam_state(Stack(("encoder", "head")), X, seed=0, steps=2)
+  save_checkpoint(tmp / "runs/old", old)
+  model = NNXStack(nnx.Rngs(1))
+  optimizer = nnx.Optimizer(model, TX, wrt=nnx.Param)
+  key = jax.random.key_data(model.drop.rngs.key[...])
+  linen = adam_state(Stack(("encoder", "head")), X, seed=1)
+  ns, _ = run(snippet, tmp, model=model, optimizer=optimizer, state=linen)
+  new_model, new_optimizer = ns["new_model"], ns["new_optimizer"]
+  assert type(new_model) is NNXStack and new_model is not model
+  for obj in (new_model, model):  # the result, and the objects updated in place
+    assert_same(unboxed(nnx.state(obj, nnx.Param)), params(old))
+    np.testing.assert_array_equal(jax.random.key_data(obj.drop.rngs.key[...]), key)  # not in a Linen checkpoint
+  for opt in (new_optimizer, optimizer):
+    assert_same(unboxed(opt.opt_state[0].mu), mu(old))
+    assert_same(unboxed(opt.opt_state[0].nu), flat(old.opt_state[0].nu))
+    assert int(opt.step[...]) == int(old.step) == 2 and int(opt.opt_state[0].count[...]) == 2
+  back = ns["state"]  # the Linen TrainState, warm-started from the NNX checkpoint
+  assert_same(params(back), params(old))
+  assert_same(mu(back), mu(old))
+  assert int(back.step) == 2
 
 
 # ----------------------------------------------------------------------------

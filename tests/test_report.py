@@ -1,7 +1,8 @@
-"""Showing a plan (table, HTML, dict/JSON), provenance across real Orbax checkpoints, settings as plain data.
+"""Showing a plan (table, HTML, dict/JSON), and provenance across real Orbax checkpoints.
 
-Covers flax_warmstart/report.py, the presentation half of flax_warmstart/plan.py,
-flax_warmstart/serialize.py and `warm_start(..., plan=...)`.
+Covers flax_warmstart/_src/report.py, the presentation half of
+flax_warmstart/_src/planning.py, provenance.py and `warm_start(..., plan=...)`.
+Settings as plain data (serialize.py) are tested in test_serialize.py.
 """
 
 import datetime
@@ -24,7 +25,6 @@ from jax.sharding import PartitionSpec as P
 import flax_warmstart as fws
 from flax_warmstart._src import report
 from flax_warmstart._src.report import human_bytes
-from flax_warmstart._src.serialize import initializer_from_spec, settings_from_dict, settings_to_dict
 
 COLUMNS = ("name", "action", "source", "shape", "dtype", "read", "sharding", "reason")
 OLD_VOCAB = ["a", "b", "c"]
@@ -61,9 +61,8 @@ def rich_root(tmp_path_factory, rich_old):
   return save_manager_step(tmp_path_factory.mktemp("rich") / "run", OLD_STEP, rich_old)
 
 
-def _rich_new():
+def _rich_new(mesh):
   """The new state: every action kind, a bf16 NamedSharding leaf, a numpy leaf, single-device leaves."""
-  mesh = jax.make_mesh((2, 4), ("a", "b"))
   params = {
     "emb": jnp.zeros((5, 4)),
     "enc": {"kernel": jax.device_put(jnp.zeros((8, 4), jnp.bfloat16), NamedSharding(mesh, P("a", "b")))},
@@ -86,15 +85,16 @@ def _rich_settings(root):
 
 
 @pytest.fixture
-def rich(rich_root):
-  new = _rich_new()
+def rich(rich_root, mesh):
+  new = _rich_new(mesh)
   settings = _rich_settings(rich_root)
   return new, settings, fws.plan(new, settings)
 
 
 @pytest.fixture(scope="module")
-def old_mlp():
-  return make_state(MLP(), optax.adam(1e-2), seed=0, steps=2)
+def old_mlp(adam_mlp):
+  """The session's Adam MLP TrainState (read-only)."""
+  return adam_mlp.state
 
 
 @pytest.fixture(scope="module")
@@ -448,7 +448,7 @@ def test_to_dict_and_to_json(rich, rich_root):
   assert json.loads(p.to_json()) == d
   assert json.loads(p.to_json(indent=None)) == d
   assert "\n" not in p.to_json(indent=None)
-  assert set(d) == {"summary", "checkpoints", "sources", "bytes", "leaves", "unused"}
+  assert set(d) == {"summary", "checkpoints", "sources", "bytes", "leaves", "unused", "warnings"}
   assert d["summary"] == p.summary()
   (ckpt,) = d["checkpoints"]
   assert ckpt["location"] == rich_root
@@ -519,7 +519,7 @@ def test_to_dict_of_assignment_maps(mlp_root):
 # 5. A plan reads no array data.
 
 
-def test_plan_reads_no_arrays(no_reads, tmp_path, mlp_root, rich_root):
+def test_plan_reads_no_arrays(no_reads, tmp_path, mlp_root, rich_root, mesh):
   new = make_state(MLP(), optax.adam(1e-2), seed=1, steps=0)
   renamed = make_state(MLP(encoder_name="enc"), optax.adam(1e-2), seed=1, steps=0)
   other = tmp_path / "other"
@@ -528,7 +528,7 @@ def test_plan_reads_no_arrays(no_reads, tmp_path, mlp_root, rich_root):
   plans = {
     "selection": fws.plan(new, fws.WarmStartSettings(mlp_root, [".*encoder.*"], step="load")),
     "rename rules": fws.plan(renamed, fws.WarmStartSettings(mlp_root, rename_rules=[(r"enc/(.*)", r"encoder/\1")])),
-    "vocab": fws.plan(_rich_new(), _rich_settings(rich_root)),
+    "vocab": fws.plan(_rich_new(mesh), _rich_settings(rich_root)),
     "sources": fws.plan(
       new, [fws.WarmStartSettings(mlp_root, "encoder"), fws.WarmStartSettings(os.fspath(other), "head")]
     ),
@@ -716,149 +716,3 @@ def test_provenance_records_vocab(rich):
   assert record["leaves"]["head/bias"] == {"action": "keep"}
   assert record["leaves"]["step"] == {"action": "reset"}
   assert json.loads(json.dumps(record)) == record
-
-
-# --------------------------------------------------------------------------------------------------
-# 8. Settings as plain data.
-
-
-def _vocab_spec(backup):
-  return {
-    "new_vocab": ["<pad>", "a", "b", "z"],
-    "new_vocab_size": 4,
-    "num_oov_buckets": 1,
-    "old_vocab": ["a", "b"],
-    "backup_initializer": backup,
-    "donor_tokens": {"<pad>": "a"},
-    "token_vectors": {"z": [0.5, 0.25]},
-  }
-
-
-@pytest.mark.parametrize(
-  "backup",
-  [None, "zeros", "mean_of_old_rows", {"mean_covariance_of_old_rows": 1e-6}],
-  ids=["none", "zeros", "mean", "mean_cov"],
-)
-def test_settings_round_trip(backup, tmp_path):
-  vocab_file = tmp_path / "old.txt"
-  vocab_file.write_text("a\nb\n")
-  original = fws.WarmStartSettings(
-    "/runs/old",
-    vars_to_warm_start=["encoder/.*", "emb"],
-    var_name_to_vocab_info={
-      "emb": fws.VocabInfo(**{**_vocab_spec(None), "backup_initializer": initializer_from_spec(backup)}),
-      "out": fws.VocabInfo(["a", "q"], 2, 0, os.fspath(vocab_file), axis=1),
-    },
-    var_name_to_prev_var_name={"encoder/kernel": "old_encoder/kernel"},
-    skip_missing=True,
-    ckpt_item="state",
-    rename_rules=[(r"encoder/(.*)", r"enc/\1"), ("head/.*", None)],
-    optimizer_state="reset",
-    step="load",
-  )
-  data = original.to_dict()
-  assert data == settings_to_dict(original)
-  assert data["var_name_to_vocab_info"]["emb"]["backup_initializer"] == backup
-  text = json.dumps(data)
-  back = fws.WarmStartSettings.from_dict(json.loads(text))
-  assert back == original
-  assert back.to_dict() == data
-  assert settings_from_dict(json.loads(text)) == original
-
-
-def test_settings_round_trip_of_named_parametric_initializer():
-  """`{"constant": 0.5}` read from plain data must survive to_dict -> JSON -> from_dict."""
-  data = {"ckpt_to_initialize_from": "/runs/old", "var_name_to_vocab_info": {"emb": _vocab_spec({"constant": 0.5})}}
-  settings = fws.WarmStartSettings.from_dict(data)
-  init = settings.var_name_to_vocab_info["emb"].backup_initializer
-  np.testing.assert_array_equal(np.asarray(init(jax.random.key(0), (2,), jnp.float32)), [0.5, 0.5])
-  dumped = settings.to_dict()
-  assert dumped["var_name_to_vocab_info"]["emb"]["backup_initializer"] == {"constant": 0.5}
-  back = fws.WarmStartSettings.from_dict(json.loads(json.dumps(dumped)))
-  assert back.to_dict() == dumped
-  init = back.var_name_to_vocab_info["emb"].backup_initializer
-  np.testing.assert_array_equal(np.asarray(init(jax.random.key(0), (2,), jnp.float32)), [0.5, 0.5])
-
-
-def test_settings_defaults_round_trip():
-  original = fws.WarmStartSettings("/runs/old")
-  data = json.loads(json.dumps(original.to_dict()))
-  assert fws.WarmStartSettings.from_dict(data) == original
-  for vars_ in (None, "enc.*"):
-    s = fws.WarmStartSettings("/runs/old", vars_to_warm_start=vars_)
-    assert fws.WarmStartSettings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
-  # A checkpoint given separately.
-  assert fws.WarmStartSettings.from_dict({"step": "reset"}, ckpt_to_initialize_from="/x") == fws.WarmStartSettings(
-    "/x", step="reset"
-  )
-
-
-def test_unknown_settings_field_suggests_the_closest():
-  with pytest.raises(fws.WarmStartError, match="vars_to_warm_start") as err:
-    fws.WarmStartSettings.from_dict({"ckpt_to_initialize_from": "/x", "vars_to_warmstart": ".*"})
-  assert "'vars_to_warmstart'" in str(err.value)
-  assert "Closest names: 'vars_to_warm_start'" in str(err.value)
-  with pytest.raises(fws.WarmStartError, match="new_vocab_size"):
-    fws.WarmStartSettings.from_dict(
-      {"ckpt_to_initialize_from": "/x", "var_name_to_vocab_info": {"emb": {**_vocab_spec(None), "vocab_size": 3}}}
-    )
-
-
-def test_unknown_initializer_lists_known_names():
-  with pytest.raises(fws.WarmStartError) as err:
-    initializer_from_spec("glorot")
-  message = str(err.value)
-  assert "'glorot'" in message
-  for known in ("zeros", "ones", "glorot_uniform", "lecun_normal", "mean_of_old_rows", "constant", "normal"):
-    assert known in message, known
-  assert "mean_covariance_of_old_rows" in message
-  with pytest.raises(fws.WarmStartError, match="mean_of_old_rows"):
-    fws.WarmStartSettings.from_dict(
-      {"ckpt_to_initialize_from": "/x", "var_name_to_vocab_info": {"emb": _vocab_spec({"bogus": 1})}}
-    )
-
-
-def test_initializer_specs():
-  assert initializer_from_spec(None) is None
-  assert initializer_from_spec("mean_of_old_rows") == fws.MeanOfOldRows()
-  assert initializer_from_spec({"mean_covariance_of_old_rows": 1e-6}) == fws.MeanCovarianceOfOldRows(1e-6)
-  zeros = initializer_from_spec("zeros")
-  np.testing.assert_array_equal(np.asarray(zeros(jax.random.key(0), (2,), jnp.float32)), [0.0, 0.0])
-  assert zeros == initializer_from_spec("zeros")  # named initializers compare equal, so settings do
-  init = initializer_from_spec({"constant": 0.5})
-  np.testing.assert_array_equal(np.asarray(init(jax.random.key(0), (3,), jnp.float32)), [0.5] * 3)
-  assert np.asarray(initializer_from_spec({"normal": 0.02})(jax.random.key(0), (4,), jnp.float32)).shape == (4,)
-
-
-class _ConfigDict:
-  """A stand-in for `ml_collections.ConfigDict`: attribute access and `to_dict()`."""
-
-  def __init__(self, **fields):
-    self._fields = fields
-
-  def __getattr__(self, name):
-    try:
-      return self.__dict__["_fields"][name]
-    except KeyError:
-      raise AttributeError(name) from None
-
-  def to_dict(self):
-    return {k: v.to_dict() if isinstance(v, _ConfigDict) else v for k, v in self._fields.items()}
-
-
-def test_settings_from_config_dict_like():
-  config = _ConfigDict(
-    ckpt_to_initialize_from="/runs/old",
-    vars_to_warm_start=["encoder/.*"],
-    var_name_to_vocab_info=_ConfigDict(emb=_ConfigDict(**_vocab_spec("mean_of_old_rows"))),
-    step="reset",
-  )
-  settings = fws.WarmStartSettings.from_dict(config)
-  assert settings.vars_to_warm_start == ("encoder/.*",)
-  assert settings.step == "reset"
-  info = settings.var_name_to_vocab_info["emb"]
-  assert info.backup_initializer == fws.MeanOfOldRows()
-  assert dict(info.donor_tokens) == {"<pad>": "a"}
-  assert settings_from_dict(config) == settings
-  with pytest.raises(fws.WarmStartError, match="mapping"):
-    fws.WarmStartSettings.from_dict(["not", "a", "mapping"])

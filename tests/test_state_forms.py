@@ -131,38 +131,34 @@ def settings(path, vars_to_warm_start=".*", **kwargs):
 ADAM_NAMES = ["step", *PARAMS, *adam_names()]
 
 
-def test_train_state_adam_names(tmp_path):
-  state = make_state(tx=optax.adam(1e-2))
+def test_train_state_adam_names(adam_mlp):
+  state, path = adam_mlp
   assert fws.variable_names(state) == ADAM_NAMES
-  path = save_checkpoint(tmp_path / "ckpt", state)
   assert [n for n, _ in fws.list_variables(path)] == sorted(ADAM_NAMES)
 
 
-def test_train_state_adam_default_settings_loads_params_only(tmp_path):
-  old = make_state(tx=optax.adam(1e-2), seed=0, steps=1)
-  path = save_checkpoint(tmp_path / "ckpt", old)
-  new = make_state(tx=optax.adam(1e-2), seed=1, steps=2)
+def test_train_state_adam_default_settings_loads_params_only(adam_mlp):
+  old, path = adam_mlp  # 2 steps
+  new = make_state(tx=optax.adam(1e-2), seed=1, steps=3)
   before = snapshot(new)
   out = fws.warm_start(new, path)
   check_warm_start(new, out, old, PARAMS, before)
-  assert out.step == 2
+  assert out.step == 3
   assert out.tx is new.tx and out.apply_fn is new.apply_fn
 
 
-def test_train_state_adam_list_loads_everything(tmp_path):
-  old = make_state(tx=optax.adam(1e-2), seed=0, steps=1)
-  path = save_checkpoint(tmp_path / "ckpt", old)
-  new = make_state(tx=optax.adam(1e-2), seed=1, steps=2)
+def test_train_state_adam_list_loads_everything(adam_mlp):
+  old, path = adam_mlp  # 2 steps
+  new = make_state(tx=optax.adam(1e-2), seed=1, steps=3)
   before = snapshot(new)
   out = fws.warm_start(new, settings(path, [".*"]))
   check_warm_start(new, out, old, ADAM_NAMES, before)
-  assert out.step == 1
-  assert int(out.opt_state[0].count) == 1
+  assert out.step == 2
+  assert int(out.opt_state[0].count) == 2
 
 
-def test_train_state_changed_head_warm_starts_encoder_and_its_slots(tmp_path):
-  old = make_state(MLP(), tx=optax.adam(1e-2), seed=0, steps=1)
-  path = save_checkpoint(tmp_path / "ckpt", old)
+def test_train_state_changed_head_warm_starts_encoder_and_its_slots(adam_mlp):
+  old, path = adam_mlp
   new = make_state(MLP(outputs=3), tx=optax.adam(1e-2), seed=1, steps=2)
   before = snapshot(new)
   out = fws.warm_start(new, settings(path, ["encoder/", "step"]))
@@ -438,9 +434,8 @@ def test_nnx_split_pair(tmp_path):
   assert_unmutated(nnx.state(new), before)
 
 
-def test_linen_checkpoint_into_nnx_model(tmp_path):
-  old = make_state(MLP(), seed=0, steps=1)
-  path = save_checkpoint(tmp_path / "ckpt", old)
+def test_linen_checkpoint_into_nnx_model(adam_mlp):
+  old, path = adam_mlp
   new = NNXMLP(nnx.Rngs(1))
   graphdef, state = nnx.split(new)
   before = snapshot(state)
@@ -540,11 +535,10 @@ def test_sharded_train_state(tmp_path):
 # 10. dtype cast
 
 
-def test_float32_checkpoint_into_bfloat16_model(tmp_path, caplog):
+def test_float32_checkpoint_into_bfloat16_model(adam_mlp, caplog):
   caplog.set_level(logging.INFO, logger="flax_warmstart")
-  old = make_state(seed=0, steps=1)
+  old, path = adam_mlp
   assert old.params["encoder"]["kernel"].dtype == jnp.float32
-  path = save_checkpoint(tmp_path / "ckpt", old)
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), MLP().init(jax.random.key(1), X)["params"])
   new = {"params": params}
   before = snapshot(new)
@@ -572,9 +566,8 @@ def test_float32_to_bfloat16_is_not_reported_as_a_change_of_kind(tmp_path, caplo
   assert not warnings
 
 
-def test_bfloat16_train_state_with_adam_slots_cast(tmp_path):
-  old = make_state(seed=0, steps=1)
-  path = save_checkpoint(tmp_path / "ckpt", old)
+def test_bfloat16_train_state_with_adam_slots_cast(adam_mlp):
+  old, path = adam_mlp
   model = MLP()
   params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), model.init(jax.random.key(1), X)["params"])
   new = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-2))

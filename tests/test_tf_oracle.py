@@ -1,7 +1,9 @@
 """Differential tests: `flax_warmstart` against TensorFlow's own `warm_start`.
 
-TensorFlow (the optional `tf` extra, `tensorflow-cpu`) is the oracle; the module
-is skipped where it is not installed. Each case runs TF 1.x graph mode in a
+TensorFlow (the optional `tf` extra, `tensorflow-cpu`) is the oracle; its tests
+skip where it is not installed. They are marked `slow` (`python -m pytest -m
+slow` runs them, as `.ci/run` does), and TensorFlow is imported only when one
+of them runs, so that collecting this file costs nothing in the default run. Each case runs TF 1.x graph mode in a
 fresh `tf.Graph()`: the old variables are created with `get_variable` and saved
 with `tf.compat.v1.train.Saver`; in a new graph the new variables are created
 and `tf.compat.v1.train.warm_start(...)` is called, then the init op runs. The
@@ -37,12 +39,31 @@ from jax.sharding import PartitionSpec as P
 import flax_warmstart as fws
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-tf = pytest.importorskip("tensorflow")
-tf1 = tf.compat.v1
 
-# Errors TensorFlow raises for a bad warm start: in Python while building the
-# graph, or as an op error when the init op runs.
-TF_ERRORS = (ValueError, TypeError, IndexError, tf.errors.OpError)
+pytestmark = pytest.mark.slow
+
+
+class _Imported:
+  """`tensorflow` (or `tensorflow.compat.v1`), imported on first use; the test using it skips where it is missing."""
+
+  def __init__(self, *path):
+    self._path = path
+
+  def __getattr__(self, name):
+    module = pytest.importorskip("tensorflow")
+    for part in self._path:
+      module = getattr(module, part)
+    return getattr(module, name)
+
+
+tf = _Imported()
+tf1 = _Imported("compat", "v1")
+
+
+def tf_errors():
+  """Errors TensorFlow raises for a bad warm start: in Python while building the graph, or as an op error when the init op runs."""
+  return (ValueError, TypeError, IndexError, tf.errors.OpError)
+
 
 POOL = (
   "apple banana guava orange raspberry blueberry kiwi mango papaya lemon"
@@ -288,11 +309,6 @@ def assert_same(ours, expected, case=None):
   ours = np.asarray(ours)
   assert ours.shape == np.shape(expected) and ours.dtype == np.asarray(expected).dtype, (ours, expected)
   np.testing.assert_array_equal(ours, expected, err_msg=repr(case) if case is not None else "")
-
-
-@pytest.fixture
-def mesh():
-  return jax.make_mesh((2, 4), ("a", "b"))
 
 
 # --------------------------------------------------------------------------- 1, 2: random sweeps
@@ -544,7 +560,7 @@ VOCAB_ERRORS = _vocab_error_cases()
 @pytest.mark.parametrize("key", list(VOCAB_ERRORS))
 def test_vocab_errors_match_tf(tmp_path, key):
   case = VOCAB_ERRORS[key]
-  with pytest.raises(TF_ERRORS):
+  with pytest.raises(tf_errors()):
     run_vocab_case(tmp_path / "tf", case)
   tf_info, our_info = vocab_infos(case, tmp_path / "vocab")
   path = save_checkpoint(tmp_path / "orbax", nest({case.name: case.table}))
@@ -585,7 +601,7 @@ def test_selection_errors_match_tf(tmp_path, key):
   spec = dict(SELECTION_ERRORS[key])
   old, new = spec.pop("old"), spec.pop("new")
   tf_dir = tf_save(tmp_path / "tf_ckpt", old)
-  with pytest.raises(TF_ERRORS):
+  with pytest.raises(tf_errors()):
     tf_warm_start(tf_dir, new, **spec)
   path = save_checkpoint(tmp_path / "orbax", nest(old))
   with pytest.raises(fws.WarmStartError):

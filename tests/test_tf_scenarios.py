@@ -97,11 +97,6 @@ def mentions_shape(message, shape):
   return str(tuple(shape)) in message or str(list(shape)) in message
 
 
-@pytest.fixture
-def mesh():
-  return jax.make_mesh((2, 4), ("a", "b"))
-
-
 def rng_weights(seed, shape):
   return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 

@@ -98,11 +98,6 @@ def cases(argnames, rows):
 
 
 @pytest.fixture(scope="module")
-def mesh():
-  return jax.make_mesh((2, 4), ("a", "b"))
-
-
-@pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, mesh):
   """One checkpoint holding every TF checkpoint tensor used below (only selected ones are read)."""
   flat = {

@@ -13,13 +13,15 @@ import flax_warmstart as fws
 
 
 @pytest.fixture
-def old_state():
-  return make_state(MLP(), optax.adam(1e-2), seed=0, steps=2)
+def old_state(adam_mlp):
+  """The session's Adam MLP TrainState after 2 steps (read-only)."""
+  return adam_mlp.state
 
 
 @pytest.fixture
-def old_ckpt(tmp_path, old_state):
-  return save_checkpoint(tmp_path / "old", old_state)
+def old_ckpt(adam_mlp):
+  """Its Orbax checkpoint (read-only)."""
+  return adam_mlp.path
 
 
 def test_three_call_forms_agree(old_ckpt, old_state):

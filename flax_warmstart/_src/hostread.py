@@ -182,7 +182,10 @@ def rows(
     raise ValueError(f"The old table {tuple(store.shape)} is smaller than {shape} off axis {axis}.")
   kept = np.flatnonzero(index >= 0)
   lead = (slice(None),) * axis
-  region = leading(shape, axis, len(store.shape)) if window is None else window
+  if window is None:
+    region = leading(shape, axis, len(store.shape))
+  else:  # a shard's slice of the new table: the same extent of the old one (a slice(None) is the leading rows)
+    region = tuple(slice(s.start or 0, (s.start or 0) + shape[d]) for d, s in enumerate(window))
   region = tuple(slice(None) if d == axis else s for d, s in enumerate(region))
   if not isinstance(store, ts.TensorStore):
     source_index = tuple(index[kept] if d == axis else s for d, s in enumerate(region))

@@ -357,8 +357,8 @@ def leaf_info(leaf: Any, **naming: Any) -> Variable:
     return info((), object, LeafKind.STRING, type_name="str")
   if isinstance(leaf, ocp.metadata.Metadata):  # an Orbax value's metadata: an array, as far as it says
     dtype = getattr(leaf, "dtype", None)
-    kind = LeafKind.SCALAR if isinstance(leaf, ocp.metadata.ScalarMetadata) else LeafKind.ARRAY
-    return info(getattr(leaf, "shape", None) or (), object if dtype is None else dtype, kind)
+    what = LeafKind.SCALAR if isinstance(leaf, ocp.metadata.ScalarMetadata) else LeafKind.ARRAY
+    return info(getattr(leaf, "shape", None) or (), object if dtype is None else dtype, what)
   if isinstance(leaf, bool | int | float | complex | np.generic):
     return info((), np.asarray(leaf).dtype, LeafKind.SCALAR, type_name=type(leaf).__name__)
   shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)

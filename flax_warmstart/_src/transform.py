@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from flax_warmstart._src.arrays import aligned_empty, leading
 from flax_warmstart._src.errors import WarmStartError
 from flax_warmstart._src.settings import NEW_ROW_INITIALIZERS
+from flax_warmstart._src.typing import Shape
 from flax_warmstart._src.vocab import Remap
 
 
@@ -333,8 +334,7 @@ def apply_take(take: Take, table: Any, fill: jax.Array | None, live: Any, key: j
     out = take_host(np.asarray(table)[leading(shape, axis)], take.index, fill, fill_index, axis=axis, dtype=dtype)
     return jax.device_put(out, sharding) if sharding is not None else out
   table = jnp.asarray(table, dtype) if not isinstance(table, jax.Array) else table.astype(dtype)
-  if table.shape[:axis] + table.shape[axis + 1 :] != shape[:axis] + shape[axis + 1 :]:
-    table = table[leading(shape, axis)]
+  table = leading_on_device(table, shape, axis)
   if not remap.follows and isinstance(info.backup_initializer, NEW_ROW_INITIALIZERS):
     draws = old_rows_fill(
       info.backup_initializer,
@@ -347,8 +347,34 @@ def apply_take(take: Take, table: Any, fill: jax.Array | None, live: Any, key: j
     parts = jnp.split(draws, [mapping.num_missing], axis=axis)
     fill = jnp.concatenate([parts[0], _explicit(remap, shape, dtype), parts[1]], axis=axis)
   if fill is not None and isinstance(table, jax.Array):
-    fill = jax.device_put(fill, table_sharding(sharding, fill.shape, axis) or table.sharding)
+    fill = place_fill(fill, table, sharding, axis)
   return take_device(table, take.index, fill, fill_index, axis=axis, out_sharding=sharding)
+
+
+def leading_on_device(table: jax.Array, shape: Shape, axis: int) -> jax.Array:
+  """`table[leading(shape, axis)]` for a table on devices, sharded or not.
+
+  An axis that is sliced is first gathered whole on its devices: an uneven
+  slice of a sharded axis has no sharding of its own (jax's explicit sharding
+  refuses it). Only an axis-1 vocabulary whose hidden size shrank is sliced.
+  """
+  sliced = [d for d in range(table.ndim) if d != axis and table.shape[d] != shape[d]]
+  if sliced and isinstance(table.sharding, NamedSharding):
+    spec = list(table.sharding.spec) + [None] * (table.ndim - len(table.sharding.spec))
+    for d in sliced:
+      spec[d] = None
+    table = jax.device_put(table, NamedSharding(table.sharding.mesh, PartitionSpec(*spec)))
+  for d in sliced:
+    table = jax.lax.slice_in_dim(table, 0, shape[d], axis=d)
+  return table
+
+
+def place_fill(fill: jax.Array, table: jax.Array, live: jax.sharding.Sharding | None, axis: int) -> jax.Array:
+  """The fill rows laid out as the table is off the vocabulary axis, so the gather's `where` sees compatible shardings."""
+  spec = getattr(table.sharding, "spec", None)
+  if isinstance(table.sharding, NamedSharding) and (axis >= len(spec) or spec[axis] is None):
+    return jax.device_put(fill, table.sharding)
+  return jax.device_put(fill, table_sharding(live, fill.shape, axis) or table.sharding)
 
 
 def fill_index_of(remap: Remap) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Finding checkpoints and reading only what the plan needs (flax_warmstart/checkpoint.py)."""
+"""The Orbax source (flax_warmstart/_src/sources/orbax.py, orbax_metadata.py): finding checkpoints, their metadata, reading only what the plan needs."""
 
 import shutil
 
