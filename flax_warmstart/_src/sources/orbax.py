@@ -11,6 +11,7 @@ the read stage fills buffers of its own.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -375,14 +376,17 @@ def _read(path: epath.Path, requested: str, step: int | None) -> OrbaxSource:
     raise WarmStartError(
       f"Checkpoint {path} is damaged: its {ITEM_FILE} file cannot be read ({type(err).__name__}: {err}). {DAMAGED_HINT}"
     ) from err
-  try:
-    tree, use_zarr3 = metadata_tree(path)
-  except WarmStartError:
-    raise
-  except Exception as err:  # noqa: BLE001 (Orbax's own reader on a damaged checkpoint)
-    raise WarmStartError(
-      f"Checkpoint {path} is damaged: Orbax cannot read its metadata ({type(err).__name__}: {err}). {DAMAGED_HINT}"
-    ) from err
+  cached = _opened(path, fingerprint)
+  if "tree" not in cached:
+    try:
+      cached["tree"] = metadata_tree(path)
+    except WarmStartError:
+      raise
+    except Exception as err:  # noqa: BLE001 (Orbax's own reader on a damaged checkpoint)
+      raise WarmStartError(
+        f"Checkpoint {path} is damaged: Orbax cannot read its metadata ({type(err).__name__}: {err}). {DAMAGED_HINT}"
+      ) from err
+  tree, use_zarr3 = cached["tree"]
   variables = {v.name: v for v, _ in flatten_checkpoint_tree(tree)}
   return OrbaxSource(
     path=path,
@@ -425,8 +429,12 @@ def open_arrays(source: OrbaxSource, names: Iterable[str]) -> dict[str, ts.Tenso
   """
   use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(source.path)
   context = ts_context(use_ocdbt)
+  stores = _opened(source.path, source.fingerprint).setdefault("stores", {})
+  opened = {name: stores[name] for name in names if name in stores}
   opening = {}
   for name in names:
+    if name in opened:
+      continue
     meta = source.metadata_leaves[source.variables[name].index]
     if not isinstance(meta, ocp.metadata.ArrayMetadata) or not meta.name:
       continue
@@ -438,15 +446,36 @@ def open_arrays(source: OrbaxSource, names: Iterable[str]) -> dict[str, ts.Tenso
     )
     spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=use_ocdbt)
     opening[name] = ts.open(spec, open=True, context=context)
-  opened = {}
   for name, future in opening.items():
     try:
-      opened[name] = future.result()
+      opened[name] = stores[name] = future.result()
     except Exception as err:
       raise WarmStartError(
         f"Reading {name!r} from {source.describe()} failed: {type(err).__name__}: {err}. {DAMAGED_HINT}"
       ) from err
   return opened
+
+
+# What was read of the last few checkpoints opened: their metadata tree and opened arrays (no data), keyed
+# by the item's path and its `_METADATA` fingerprint (a rewrite changes the key). TensorStore keeps a little
+# memory for every open (measured: ~0.8 KiB per array, ~300 KiB per call of a 400-array warm start, and
+# Orbax's own metadata reader ~290 KiB per call of a 50-leaf plan), so repeated calls on the same checkpoint
+# reuse these instead of opening again: memory stays flat over many calls (benchmarks/memory_growth.py).
+_OPENED: collections.OrderedDict[tuple[str, tuple[int, int]], dict[str, Any]] = collections.OrderedDict()
+_OPENED_MAX = 8
+
+
+def _opened(path: epath.Path, fingerprint: tuple[int, int] | None) -> dict[str, Any]:
+  """The cache entry of a checkpoint item ({} and not kept when it has no fingerprint, e.g. a remote path)."""
+  if fingerprint is None:
+    return {}
+  key = (os.fspath(path), fingerprint)
+  entry = _OPENED.pop(key, None)
+  entry = {} if entry is None else entry
+  _OPENED[key] = entry
+  while len(_OPENED) > _OPENED_MAX:
+    _OPENED.popitem(last=False)
+  return entry
 
 
 def restore(source: OrbaxSource, targets: Mapping[str, jax.ShapeDtypeStruct | None]) -> dict[str, Any]:
