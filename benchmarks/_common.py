@@ -61,3 +61,20 @@ def finish_build(workdir: str, wanted: dict) -> None:
   """Marks the build of `wanted` as finished (written last, so an interrupted build is redone)."""
   with open(os.path.join(workdir, MARKER), "w") as f:
     json.dump(wanted, f)
+
+
+def write_vocabularies(workdir: str, old_rows: int, new_rows: int, overlap: float, rng) -> None:
+  """`old.txt` (`old_rows` tokens) and `new.txt` (`new_rows` tokens, `overlap` of them old, shuffled) in `workdir`.
+
+  The vocabularies of the remap benchmarks (W1, W5, W7): the same draws from
+  the same `rng` give the same files.
+  """
+  old_tokens = [f"tok{i}" for i in range(old_rows)]
+  n_keep = int(new_rows * overlap)
+  kept = rng.choice(old_rows, size=n_keep, replace=False)
+  new_tokens = [old_tokens[i] for i in kept] + [f"new{i}" for i in range(new_rows - n_keep)]
+  rng.shuffle(new_tokens)
+  with open(os.path.join(workdir, "old.txt"), "w") as f:
+    f.write("\n".join(old_tokens))
+  with open(os.path.join(workdir, "new.txt"), "w") as f:
+    f.write("\n".join(new_tokens))

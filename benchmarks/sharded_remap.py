@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 
-from _common import peak_rss_gib, warm_cache
+from _common import peak_rss_gib, warm_cache, write_vocabularies
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -84,15 +84,7 @@ def build(workdir: str, small: bool) -> None:
   old_rows, dim, new_rows, dense = _sizes(small)
   os.makedirs(workdir, exist_ok=True)
   rng = np.random.default_rng(0)
-  old_tokens = [f"tok{i}" for i in range(old_rows)]
-  n_keep = int(new_rows * OVERLAP)
-  kept = rng.choice(old_rows, size=n_keep, replace=False)
-  new_tokens = [old_tokens[i] for i in kept] + [f"new{i}" for i in range(new_rows - n_keep)]
-  rng.shuffle(new_tokens)
-  with open(os.path.join(workdir, "old.txt"), "w") as f:
-    f.write("\n".join(old_tokens))
-  with open(os.path.join(workdir, "new.txt"), "w") as f:
-    f.write("\n".join(new_tokens))
+  write_vocabularies(workdir, old_rows, new_rows, OVERLAP, rng)
   shardings = _shardings(_mesh(), dense)
   tree = {
     "params": {

@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 
-from _common import finish_build, is_built, peak_rss_bytes, warm_cache
+from _common import finish_build, is_built, peak_rss_bytes, warm_cache, write_vocabularies
 
 OLD_ROWS, DIM, NEW_ROWS, OVERLAP = 262_144, 1_024, 300_000, 0.8
 DENSE = {"dense_0/kernel": (2048, 4096), "dense_1/kernel": (2048, 4096)}  # 64 MiB of float32
@@ -61,15 +61,7 @@ def build(workdir: str) -> None:
 
   os.makedirs(workdir, exist_ok=True)
   rng = np.random.default_rng(0)
-  old_tokens = [f"tok{i}" for i in range(OLD_ROWS)]
-  n_keep = int(NEW_ROWS * OVERLAP)
-  kept = rng.choice(OLD_ROWS, size=n_keep, replace=False)
-  new_tokens = [old_tokens[i] for i in kept] + [f"new{i}" for i in range(NEW_ROWS - n_keep)]
-  rng.shuffle(new_tokens)
-  with open(os.path.join(workdir, "old.txt"), "w") as f:
-    f.write("\n".join(old_tokens))
-  with open(os.path.join(workdir, "new.txt"), "w") as f:
-    f.write("\n".join(new_tokens))
+  write_vocabularies(workdir, OLD_ROWS, NEW_ROWS, OVERLAP, rng)
   values = {EMB: rng.standard_normal((OLD_ROWS, DIM), dtype=np.float32)}
   values.update({k: rng.standard_normal(s, dtype=np.float32) for k, s in DENSE.items()})
   os.makedirs(os.path.join(workdir, "st"), exist_ok=True)

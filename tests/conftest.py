@@ -97,6 +97,16 @@ def assert_trees_equal(a, b):
     assert jnp.array_equal(jnp.asarray(x), jnp.asarray(y)), (x, y)
 
 
+def rows(plan):
+  """`{name: LeafPlan}` of a plan."""
+  return {row.name: row for row in plan.leaves}
+
+
+def adam_slots(state, param_scope):
+  """The Adam `mu` and `nu` of one parameter scope of a TrainState."""
+  return state.opt_state[0].mu[param_scope], state.opt_state[0].nu[param_scope]
+
+
 def nest(flat):
   """`{"a/b": x}` -> `{"a": {"b": x}}`: a tree whose names are the keys of `flat`."""
   out = {}

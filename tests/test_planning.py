@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import MLP, assert_trees_equal, make_state, save_checkpoint
+from conftest import MLP, adam_slots, assert_trees_equal, make_state, rows, save_checkpoint
 from flax import nnx
 from flax.training import train_state
 from jax.sharding import NamedSharding
@@ -33,16 +33,6 @@ import flax_warmstart as fws
 from flax_warmstart._src.sources import orbax as checkpoint_lib
 
 ADAM = optax.adam(1e-2)
-
-
-def rows(plan):
-  """`{name: LeafPlan}` of a plan."""
-  return {row.name: row for row in plan.leaves}
-
-
-def adam_slots(state, param_scope):
-  """The Adam `mu` and `nu` of one parameter scope of a TrainState."""
-  return state.opt_state[0].mu[param_scope], state.opt_state[0].nu[param_scope]
 
 
 @pytest.fixture(scope="module")

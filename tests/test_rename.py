@@ -12,21 +12,11 @@ optimizer slots too, and `var_name_to_prev_var_name` beats a matching rule.
 
 import optax
 import pytest
-from conftest import MLP, assert_trees_equal, make_state
+from conftest import MLP, adam_slots, assert_trees_equal, make_state, rows
 
 import flax_warmstart as fws
 
 ADAM = optax.adam(1e-2)
-
-
-def rows(plan):
-  """`{name: LeafPlan}` of a plan."""
-  return {row.name: row for row in plan.leaves}
-
-
-def adam_slots(state, param_scope):
-  """The Adam `mu` and `nu` of one parameter scope of a TrainState."""
-  return state.opt_state[0].mu[param_scope], state.opt_state[0].nu[param_scope]
 
 
 @pytest.fixture(scope="module")
