@@ -1,11 +1,14 @@
 """2023 Orbax checkpoints (sources/orbax_legacy.py), from fixtures written by Orbax 0.3.5 and 0.4.8 themselves.
 
 `fixtures/make_legacy_fixtures.py` wrote them (see its docstring for the
-virtual environments); `expected_state(step)` gives the values saved.
+virtual environments), packed as `fixtures/legacy_orbax.tar.gz` (13 KB) and
+unpacked into a temporary directory here; `expected_state(step)` gives the
+values saved.
 """
 
 import os
 import shutil
+import tarfile
 
 import jax
 import numpy as np
@@ -18,8 +21,20 @@ import flax_warmstart as fws
 from flax_warmstart import cli
 from flax_warmstart._src.sources import open_source
 
-ROOT = os.path.join(os.path.dirname(__file__), "fixtures", "legacy_orbax")
+ARCHIVE = os.path.join(os.path.dirname(__file__), "fixtures", "legacy_orbax.tar.gz")
 VERSIONS = ("orbax-0.3.5", "orbax-0.4.8")
+ROOT = ""  # set by the `unpacked` fixture, for every test of this module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def unpacked(tmp_path_factory):
+  """The fixture checkpoints, unpacked into a temporary directory (never read or written in the source tree)."""
+  global ROOT
+  target = tmp_path_factory.mktemp("legacy")
+  with tarfile.open(ARCHIVE) as archive:
+    archive.extractall(target, filter="data")
+  ROOT = os.path.join(target, "legacy_orbax")
+  return ROOT
 
 
 def expected_names(step):
