@@ -17,6 +17,28 @@ from typing import Any, NamedTuple
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+
+def _import_flax_io_without_tensorflow() -> None:
+  """`flax.io` as on a machine without the `tf` extra: its default (os/glob) backend for local files.
+
+  `flax.io` (imported by `flax.training.checkpoints`, a writer the tests use)
+  imports TensorFlow for `tf.io.gfile` whenever TensorFlow is installed: 7 s of
+  a default test run on the 2-core machine, for gfile features (remote paths)
+  no test uses. The TensorFlow oracle tests (marked slow) import TensorFlow
+  themselves.
+  """
+  import importlib.util  # noqa: PLC0415
+
+  find_spec = importlib.util.find_spec
+  importlib.util.find_spec = lambda name, *args: None if name == "tensorflow" else find_spec(name, *args)
+  try:
+    import flax.io  # noqa: F401, PLC0415
+  finally:
+    importlib.util.find_spec = find_spec
+
+
+_import_flax_io_without_tensorflow()
+
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
