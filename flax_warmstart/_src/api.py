@@ -15,7 +15,6 @@ from flax_warmstart._src.errors import WarmStartError
 from flax_warmstart._src.execute import execute
 from flax_warmstart._src.naming import flatten_state, unwrap_split
 from flax_warmstart._src.planning import (
-  WarmStartPlan,
   bind_leaves,
   build_plan,
   check_can_reset,
@@ -23,6 +22,7 @@ from flax_warmstart._src.planning import (
   gc_paused,
   resets_optimizer,
 )
+from flax_warmstart._src.rows import WarmStartPlan
 from flax_warmstart._src.settings import WarmStartSettings
 from flax_warmstart._src.sources import Source, open_source
 from flax_warmstart._src.sources import orbax as orbax_source

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 
 from flax_warmstart._src.errors import WarmStartError, did_you_mean
 from flax_warmstart._src.naming import Variable, load_problem
-from flax_warmstart._src.planning import Action, LeafPlan, Reason, WarmStartPlan, log_warnings
+from flax_warmstart._src.rows import Action, LeafPlan, Reason, WarmStartPlan, log_warnings
 from flax_warmstart._src.sources import Source
 
 AssignmentMap = Mapping[str, str] | Sequence[tuple[str, str]]

@@ -25,7 +25,8 @@ from flax_warmstart._src import state as state_lib
 from flax_warmstart._src import transform as transform_lib
 from flax_warmstart._src.errors import WarmStartError
 from flax_warmstart._src.naming import LeafKind, flatten_state, unwrap_split
-from flax_warmstart._src.planning import Action, Reason, Reset, WarmStartPlan, bind_leaves, check_can_reset
+from flax_warmstart._src.planning import bind_leaves, check_can_reset
+from flax_warmstart._src.rows import Action, Reason, Reset, WarmStartPlan
 
 logger = logging.getLogger("flax_warmstart")
 

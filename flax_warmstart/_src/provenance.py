@@ -24,7 +24,7 @@ from flax_warmstart._src.errors import WarmStartError
 from flax_warmstart._src.sources import orbax as orbax_source
 
 if TYPE_CHECKING:
-  from flax_warmstart._src.planning import WarmStartPlan
+  from flax_warmstart._src.rows import WarmStartPlan
 
 PROVENANCE_KEY = "flax_warmstart_provenance"
 

@@ -34,7 +34,7 @@ import numpy as np
 from flax_warmstart._src import hostread, report
 from flax_warmstart._src import transform as transform_lib
 from flax_warmstart._src.errors import WarmStartError
-from flax_warmstart._src.planning import Action, LeafPlan, WarmStartPlan
+from flax_warmstart._src.rows import Action, LeafPlan, WarmStartPlan
 
 # Reads into our own buffers keep at most max(this, a tenth of their bytes) in flight.
 MIN_BYTES_IN_FLIGHT = 64 << 20

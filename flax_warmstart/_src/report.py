@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-  from flax_warmstart._src.planning import LeafPlan, WarmStartPlan
+  from flax_warmstart._src.rows import LeafPlan, WarmStartPlan
 
 # Tables longer than this are grouped by top-level scope.
 GROUP_ABOVE = 40
