@@ -78,3 +78,51 @@ def write_vocabularies(workdir: str, old_rows: int, new_rows: int, overlap: floa
     f.write("\n".join(old_tokens))
   with open(os.path.join(workdir, "new.txt"), "w") as f:
     f.write("\n".join(new_tokens))
+
+
+def alternate(script: str, workdir: str, methods: list[str], runs: int, pause: float, warm: str) -> dict[str, list]:
+  """Runs `script --workdir W --one METHOD` in a fresh process per run, methods alternated, the page cache of `warm`
+  warmed and a pause before each; prints each run and returns method -> the JSON results of its runs."""
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  import time  # noqa: PLC0415
+
+  results: dict[str, list] = {m: [] for m in methods}
+  env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+  for run in range(runs):
+    for method in methods:  # alternated, so drift hits every method alike
+      warm_cache(warm)
+      time.sleep(pause)
+      cmd = [sys.executable, script, "--workdir", workdir, "--one", method]
+      out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+      result = json.loads(out.stdout.strip().splitlines()[-1])
+      results[method].append(result)
+      extra = f"  added {result['added_gib']:.2f} GiB" if "added_gib" in result else ""
+      print(f"run {run} {method:12s} {result['seconds']:7.2f} s  peak {result['peak_gib']:.2f} GiB{extra}", flush=True)
+  return results
+
+
+def machine() -> str:
+  """The machine line every benchmark prints under its runs."""
+  import platform  # noqa: PLC0415
+
+  return (
+    f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+  )
+
+
+def print_added_summary(results: dict[str, list], final_bytes: int, baseline: str = "native") -> None:
+  """Medians of time, peak and memory added by the call, with ratios to `baseline` and to the final state (W5)."""
+  import statistics  # noqa: PLC0415
+
+  final = final_bytes / 2**30
+  print(f"\n{machine()}\nfinal state: {final:.2f} GiB")
+  print(
+    f"{'method':9s} {'median s':>9s} {'peak GiB':>9s} {'added GiB':>10s} {'x ' + baseline:>9s} {'added/final':>12s}"
+  )
+  base = statistics.median(r["seconds"] for r in results[baseline]) if baseline in results else float("nan")
+  for m, rs in results.items():
+    med = statistics.median(r["seconds"] for r in rs)
+    peak = statistics.median(r["peak_gib"] for r in rs)
+    added = statistics.median(r["added_gib"] for r in rs)
+    print(f"{m:9s} {med:9.2f} {peak:9.2f} {added:10.2f} {med / base:9.2f} {added / final:12.2f}")

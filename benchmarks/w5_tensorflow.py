@@ -32,13 +32,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
-import subprocess
-import sys
 import time
 
-from _common import finish_build, is_built, peak_rss_bytes, warm_cache, write_vocabularies
+from _common import alternate, finish_build, is_built, peak_rss_bytes, print_added_summary, write_vocabularies
 
 OLD_ROWS, DIM, NEW_ROWS, OVERLAP = 262_144, 1_024, 300_000, 0.8
 DENSE = {"dense_0/kernel": (2048, 4096), "dense_1/kernel": (2048, 4096)}  # 64 MiB of float32
@@ -147,39 +143,10 @@ def main() -> None:
     print(json.dumps(run_one(args.one, args.workdir)))
     return
   build(args.workdir)
-  methods = args.methods.split(",")
-  results: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
-  env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-  for run in range(args.runs):
-    for method in methods:  # alternate methods so drift hits all alike
-      warm_cache(os.path.join(args.workdir, "tf"))
-      time.sleep(args.pause)
-      out = subprocess.run(
-        [sys.executable, __file__, "--workdir", args.workdir, "--one", method],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=env,
-      )
-      result = json.loads(out.stdout.strip().splitlines()[-1])
-      results[method].append(result)
-      print(
-        f"run {run} {method:9s} {result['seconds']:7.2f} s  peak {result['peak_gib']:.2f} GiB"
-        f"  added {result['added_gib']:.2f} GiB",
-        flush=True,
-      )
-  print(
-    f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+  results = alternate(
+    __file__, args.workdir, args.methods.split(","), args.runs, args.pause, os.path.join(args.workdir, "tf")
   )
-  final = FINAL_BYTES / 2**30
-  print(f"final state: {final:.2f} GiB")
-  print(f"{'method':9s} {'median s':>9s} {'peak GiB':>9s} {'added GiB':>10s} {'x native':>9s} {'added/final':>12s}")
-  for m in methods:
-    med = statistics.median(r["seconds"] for r in results[m])
-    peak = statistics.median(r["peak_gib"] for r in results[m])
-    added = statistics.median(r["added_gib"] for r in results[m])
-    native = statistics.median(r["seconds"] for r in results["native"]) if "native" in results else float("nan")
-    print(f"{m:9s} {med:9.2f} {peak:9.2f} {added:10.2f} {med / native:9.2f} {added / final:12.2f}")
+  print_added_summary(results, FINAL_BYTES)
 
 
 if __name__ == "__main__":
