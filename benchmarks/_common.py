@@ -126,3 +126,27 @@ def print_added_summary(results: dict[str, list], final_bytes: int, baseline: st
     peak = statistics.median(r["peak_gib"] for r in rs)
     added = statistics.median(r["added_gib"] for r in rs)
     print(f"{m:9s} {med:9.2f} {peak:9.2f} {added:10.2f} {med / base:9.2f} {added / final:12.2f}")
+
+
+# The W1 workload, shared by W1 (vocab_remap.py), W5 (w5_*.py) and W7 (sharded_remap.py): a 262,144 x 1,024
+# float32 embedding remapped into a new vocabulary of 300,000 tokens, 80 % of them old.
+OLD_ROWS, DIM, NEW_ROWS, OVERLAP = 262_144, 1_024, 300_000, 0.8
+
+
+def rss_bytes() -> int:
+  """This process's resident memory now (VmRSS)."""
+  with open("/proc/self/status") as f:
+    return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
+
+
+def bench_parser(doc: str, workdir: str | None, methods: str, runs: int = 3, pause: float = 3.0):
+  """The arguments every alternating benchmark takes: --workdir, --runs, --methods, --pause (and the hidden --one)."""
+  import argparse  # noqa: PLC0415
+
+  parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--workdir", default=workdir, help="where checkpoints are built (reused)")
+  parser.add_argument("--runs", type=int, default=runs, help="runs per method")
+  parser.add_argument("--methods", default=methods, help="comma-separated subset")
+  parser.add_argument("--pause", type=float, default=pause, help="seconds between runs")
+  parser.add_argument("--one", help=argparse.SUPPRESS)
+  return parser

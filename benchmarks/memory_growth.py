@@ -22,10 +22,7 @@ import subprocess
 import sys
 import tempfile
 
-
-def rss_bytes() -> int:
-  with open("/proc/self/status") as f:
-    return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
+from _common import rss_bytes
 
 
 def _one(workload: str, calls: int, workdir: str) -> dict:

@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -36,12 +35,11 @@ import subprocess
 import sys
 import time
 
-from _common import peak_rss_gib, warm_cache, write_vocabularies
+from _common import DIM, NEW_ROWS, OLD_ROWS, OVERLAP, bench_parser, peak_rss_gib, warm_cache, write_vocabularies
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-OLD_ROWS, DIM, NEW_ROWS, OVERLAP = 262_144, 1_024, 300_000, 0.8
 DENSE = {"dense_0": (2048, 4096), "dense_1": (2048, 4096)}
 
 
@@ -167,13 +165,8 @@ def run_one(method: str, workdir: str, small: bool) -> dict[str, float]:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workdir", default=None, help="where checkpoints are built (reused)")
-  parser.add_argument("--runs", type=int, default=3)
-  parser.add_argument("--methods", default="orbax,fws,fws_abstract")
+  parser = bench_parser(__doc__, None, "orbax,fws,fws_abstract", pause=2.0)
   parser.add_argument("--small", action="store_true", help="every size 16x smaller")
-  parser.add_argument("--pause", type=float, default=2.0)
-  parser.add_argument("--one", help=argparse.SUPPRESS)
   args = parser.parse_args()
   workdir = args.workdir or ("/tmp/fws_bench_w7_small" if args.small else "/tmp/fws_bench_w7")
   if args.one:

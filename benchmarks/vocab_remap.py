@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -36,9 +35,8 @@ import subprocess
 import sys
 import time
 
-from _common import peak_rss_gib, warm_cache, write_vocabularies
+from _common import DIM, NEW_ROWS, OLD_ROWS, OVERLAP, bench_parser, peak_rss_gib, warm_cache, write_vocabularies
 
-OLD_ROWS, DIM, NEW_ROWS, OVERLAP = 262_144, 1_024, 300_000, 0.8
 DENSE_BYTES = 64 * 2**20
 
 
@@ -180,12 +178,7 @@ def run_one(method: str, workdir: str) -> dict[str, float]:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workdir", default="/tmp/fws_bench_w1", help="where checkpoints are built (reused)")
-  parser.add_argument("--runs", type=int, default=5, help="runs per method")
-  parser.add_argument("--methods", default="orbax,numpy,fws,fws_abstract,tf", help="comma-separated subset")
-  parser.add_argument("--pause", type=float, default=3.0, help="seconds between runs")
-  parser.add_argument("--one", help=argparse.SUPPRESS)
+  parser = bench_parser(__doc__, "/tmp/fws_bench_w1", "orbax,numpy,fws,fws_abstract,tf", runs=5)
   args = parser.parse_args()
   if args.one:
     print(json.dumps(run_one(args.one, args.workdir)))

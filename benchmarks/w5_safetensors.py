@@ -29,23 +29,29 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 
-from _common import alternate, finish_build, is_built, peak_rss_bytes, print_added_summary, write_vocabularies
+from _common import (
+  DIM,
+  NEW_ROWS,
+  OLD_ROWS,
+  OVERLAP,
+  alternate,
+  bench_parser,
+  finish_build,
+  is_built,
+  peak_rss_bytes,
+  print_added_summary,
+  rss_bytes,
+  write_vocabularies,
+)
 
-OLD_ROWS, DIM, NEW_ROWS, OVERLAP = 262_144, 1_024, 300_000, 0.8
 DENSE = {"dense_0/kernel": (2048, 4096), "dense_1/kernel": (2048, 4096)}  # 64 MiB of float32
 EMB = "embedder/embedding"
 FINAL_BYTES = (NEW_ROWS * DIM + sum(a * b for a, b in DENSE.values())) * 4
 WANTED = {"old_rows": OLD_ROWS, "dim": DIM, "new_rows": NEW_ROWS, "overlap": OVERLAP, "format": "safetensors"}
-
-
-def _rss_bytes() -> int:
-  with open("/proc/self/status") as f:
-    return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
 
 
 def build(workdir: str) -> None:
@@ -85,7 +91,7 @@ def run_one(method: str, workdir: str) -> dict[str, float]:
     from safetensors.numpy import load_file  # imported before timing, like flax_warmstart below
 
     jax.device_put(np.zeros(1)).block_until_ready()  # the runtime is up, as for fws
-    before = _rss_bytes()
+    before = rss_bytes()
     start = time.perf_counter()
     tensors = load_file(ckpt)
     old_index = {t: i for i, t in enumerate(open(os.path.join(workdir, "old.txt")).read().split("\n"))}
@@ -105,7 +111,7 @@ def run_one(method: str, workdir: str) -> dict[str, float]:
 
     live = jax.eval_shape(init) if method == "fws" else jax.block_until_ready(init())
     jax.device_put(np.zeros(1)).block_until_ready()
-    before = _rss_bytes()
+    before = rss_bytes()
     start = time.perf_counter()
     info = fws.VocabInfo(
       new_vocab=os.path.join(workdir, "new.txt"),
@@ -124,14 +130,7 @@ def run_one(method: str, workdir: str) -> dict[str, float]:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument(
-    "--workdir", default="/tmp/fws_bench_w5_safetensors", help="where the checkpoint is built (reused)"
-  )
-  parser.add_argument("--runs", type=int, default=3, help="runs per method")
-  parser.add_argument("--methods", default="native,fws,fws_live", help="comma-separated subset")
-  parser.add_argument("--pause", type=float, default=3.0, help="seconds between runs")
-  parser.add_argument("--one", help=argparse.SUPPRESS)
+  parser = bench_parser(__doc__, "/tmp/fws_bench_w5_safetensors", "native,fws,fws_live")
   args = parser.parse_args()
   if args.one:
     print(json.dumps(run_one(args.one, args.workdir)))
