@@ -150,3 +150,15 @@ def bench_parser(doc: str, workdir: str | None, methods: str, runs: int = 3, pau
   parser.add_argument("--pause", type=float, default=pause, help="seconds between runs")
   parser.add_argument("--one", help=argparse.SUPPRESS)
   return parser
+
+
+def vocab_info(workdir: str, new_rows: int = NEW_ROWS):
+  """The `VocabInfo` of the remap benchmarks: `workdir`'s `new.txt` over `old.txt` (see `write_vocabularies`)."""
+  import flax_warmstart as fws  # noqa: PLC0415
+
+  return fws.VocabInfo(
+    new_vocab=os.path.join(workdir, "new.txt"),
+    new_vocab_size=new_rows,
+    num_oov_buckets=0,
+    old_vocab=os.path.join(workdir, "old.txt"),
+  )

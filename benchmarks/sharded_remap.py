@@ -35,7 +35,17 @@ import subprocess
 import sys
 import time
 
-from _common import DIM, NEW_ROWS, OLD_ROWS, OVERLAP, bench_parser, peak_rss_gib, warm_cache, write_vocabularies
+from _common import (
+  DIM,
+  NEW_ROWS,
+  OLD_ROWS,
+  OVERLAP,
+  bench_parser,
+  peak_rss_gib,
+  vocab_info,
+  warm_cache,
+  write_vocabularies,
+)
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -143,12 +153,7 @@ def run_one(method: str, workdir: str, small: bool) -> dict[str, float]:
     with ocp.StandardCheckpointer() as ckptr:
       out = ckptr.restore(path, target)
   else:
-    info = fws.VocabInfo(
-      new_vocab=os.path.join(workdir, "new.txt"),
-      new_vocab_size=new_rows,
-      num_oov_buckets=0,
-      old_vocab=os.path.join(workdir, "old.txt"),
-    )
+    info = vocab_info(workdir, new_rows)
     settings = fws.WarmStartSettings(path, var_name_to_vocab_info={"embedder/embedding": info})
     if method == "fws":
       out = fws.warm_start(live, settings, show_progress=False)

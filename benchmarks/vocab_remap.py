@@ -35,7 +35,17 @@ import subprocess
 import sys
 import time
 
-from _common import DIM, NEW_ROWS, OLD_ROWS, OVERLAP, bench_parser, peak_rss_gib, warm_cache, write_vocabularies
+from _common import (
+  DIM,
+  NEW_ROWS,
+  OLD_ROWS,
+  OVERLAP,
+  bench_parser,
+  peak_rss_gib,
+  vocab_info,
+  warm_cache,
+  write_vocabularies,
+)
 
 DENSE_BYTES = 64 * 2**20
 
@@ -162,12 +172,7 @@ def run_one(method: str, workdir: str) -> dict[str, float]:
       }
     }
   elif method in ("fws", "fws_abstract"):
-    info = fws.VocabInfo(
-      new_vocab=os.path.join(workdir, "new.txt"),
-      new_vocab_size=NEW_ROWS,
-      num_oov_buckets=0,
-      old_vocab=os.path.join(workdir, "old.txt"),
-    )
+    info = vocab_info(workdir)
     settings = fws.WarmStartSettings(path, var_name_to_vocab_info={"embedder/embedding": info})
     out = fws.warm_start(live if method == "fws" else abstract_live, settings)
   else:

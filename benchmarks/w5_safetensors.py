@@ -45,6 +45,7 @@ from _common import (
   peak_rss_bytes,
   print_added_summary,
   rss_bytes,
+  vocab_info,
   write_vocabularies,
 )
 
@@ -113,12 +114,7 @@ def run_one(method: str, workdir: str) -> dict[str, float]:
     jax.device_put(np.zeros(1)).block_until_ready()
     before = rss_bytes()
     start = time.perf_counter()
-    info = fws.VocabInfo(
-      new_vocab=os.path.join(workdir, "new.txt"),
-      new_vocab_size=NEW_ROWS,
-      num_oov_buckets=0,
-      old_vocab=os.path.join(workdir, "old.txt"),
-    )
+    info = vocab_info(workdir)
     settings = fws.WarmStartSettings(ckpt, var_name_to_vocab_info={EMB: info})
     out = fws.warm_start(live, settings)
   else:
