@@ -16,9 +16,11 @@ subprocesses, the page cache warmed before each run:
   fws_abstract  the same from the abstract state (jax.eval_shape) with init_fn:
                 no live state is allocated before the call
 
-Reports seconds, peak RSS (VmHWM) and bytes read through read() calls
-(`rchar` of /proc/self/io), medians over --runs and ratios against `orbax`,
-and the final state's bytes. `--small` scales every size down 16x (a quick
+Reports seconds, CPU seconds of the process during the call (less sensitive to
+other jobs on a shared machine than wall time), peak RSS (VmHWM), the peak
+minus the RSS just before the call ("added"), and bytes read through read()
+calls (`rchar` of /proc/self/io), medians over --runs and ratios against
+`orbax`, and the final state's bytes. `--small` scales every size down 16x (a quick
 check).
 
 Example:
@@ -42,6 +44,7 @@ from _common import (
   OVERLAP,
   bench_parser,
   peak_rss_gib,
+  rss_bytes,
   vocab_info,
   warm_cache,
   write_vocabularies,
@@ -134,7 +137,9 @@ def run_one(method: str, workdir: str, small: bool) -> dict[str, float]:
   live = jax.block_until_ready(init_sharded()) if method == "fws" else None
   path = os.path.join(workdir, "orbax")
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+  base = rss_bytes()
   before = rchar()
+  cpu = time.process_time()
   start = time.perf_counter()
   if method == "orbax":
     target = jax.tree.map(
@@ -163,7 +168,9 @@ def run_one(method: str, workdir: str, small: bool) -> dict[str, float]:
   seconds = time.perf_counter() - start
   return {
     "seconds": seconds,
+    "cpu_s": time.process_time() - cpu,
     "peak_gib": peak_rss_gib(),
+    "base_gib": base / 2**30,
     "read_gib": (rchar() - before) / 2**30,
     "state_gib": state_bytes / 2**30,
   }
@@ -189,7 +196,8 @@ def main() -> None:
       r = json.loads(out.stdout.strip().splitlines()[-1])
       results[method].append(r)
       print(
-        f"run {run} {method:12s} {r['seconds']:7.2f} s  peak {r['peak_gib']:.2f} GiB  read {r['read_gib']:.2f} GiB",
+        f"run {run} {method:12s} {r['seconds']:7.2f} s  cpu {r['cpu_s']:5.2f} s  peak {r['peak_gib']:.2f} GiB"
+        f"  read {r['read_gib']:.2f} GiB",
         flush=True,
       )
   print(
@@ -200,10 +208,17 @@ def main() -> None:
   med = {m: statistics.median(r["seconds"] for r in rs) for m, rs in results.items()}
   peak = {m: statistics.median(r["peak_gib"] for r in rs) for m, rs in results.items()}
   read = {m: statistics.median(r["read_gib"] for r in rs) for m, rs in results.items()}
-  print(f"{'method':12s} {'median s':>9s} {'x orbax':>8s} {'peak GiB':>9s} {'x state':>8s} {'read GiB':>9s}")
+  cpu = {m: statistics.median(r["cpu_s"] for r in rs) for m, rs in results.items()}
+  added = {m: statistics.median(r["peak_gib"] - r["base_gib"] for r in rs) for m, rs in results.items()}
+  print(
+    f"{'method':12s} {'median s':>9s} {'x orbax':>8s} {'cpu s':>7s} {'x orbax':>8s} {'peak GiB':>9s} {'x state':>8s}"
+    f" {'added GiB':>10s} {'read GiB':>9s}"
+  )
+  nan = float("nan")
   for m in methods:
     print(
-      f"{m:12s} {med[m]:9.2f} {med[m] / med.get('orbax', float('nan')):8.2f} {peak[m]:9.2f} {peak[m] / state:8.2f} {read[m]:9.2f}"
+      f"{m:12s} {med[m]:9.2f} {med[m] / med.get('orbax', nan):8.2f} {cpu[m]:7.2f} {cpu[m] / cpu.get('orbax', nan):8.2f}"
+      f" {peak[m]:9.2f} {peak[m] / state:8.2f} {added[m]:10.2f} {read[m]:9.2f}"
     )
 
 

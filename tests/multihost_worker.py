@@ -192,6 +192,58 @@ def abstract_warm_start(mesh: Mesh, ckpt: str):
   return fws.warm_start(abstract, abstract_settings(ckpt), init_fn=init_fn, rng=jax.random.key(RNG_SEED))
 
 
+# The bytes each process reads (issue 17): two fully sharded f32 tensors of 8 MiB each, saved and loaded as
+# P("data", "model") (chunks of 1024 x 256 = 1 MiB), one loaded as it is and one through a vocabulary remap whose new
+# rows of each mesh row come from the same half of the old table (tokens shuffled within each half, a tenth new).
+BIG_ROWS, BIG_COLS = 2048, 1024
+BIG_SPEC = P("data", "model")
+BIG_OLD_VOCAB = [f"t{i}" for i in range(BIG_ROWS)]
+
+
+def big_new_vocab() -> list[str]:
+  """The old tokens shuffled within each half of the table, every tenth replaced by a new token."""
+  rng = np.random.default_rng(17)
+  half = BIG_ROWS // MESH_SHAPE[0]
+  order = np.concatenate([h * half + rng.permutation(half) for h in range(MESH_SHAPE[0])])
+  return [f"n{i}" if i % 10 == 0 else BIG_OLD_VOCAB[j] for i, j in enumerate(order)]
+
+
+def big_state(mesh: Mesh):
+  """The two big tensors, sharded as BIG_SPEC (the same values in every process)."""
+  values = {
+    name: np.random.default_rng(seed).normal(size=(BIG_ROWS, BIG_COLS)).astype(np.float32)
+    for seed, name in enumerate(("plain", "embed"))
+  }
+  sharding = NamedSharding(mesh, BIG_SPEC)
+  return {name: jax.make_array_from_callback(v.shape, sharding, lambda i, v=v: v[i]) for name, v in values.items()}
+
+
+def rchar() -> int:
+  """Bytes this process has read through read() and pread() (`rchar` of /proc/self/io)."""
+  with open("/proc/self/io") as f:
+    return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+def bytes_read(mesh: Mesh, workdir: str) -> dict[str, int]:
+  """Saves the big tensors collectively, then warm-starts them from the abstract state; what this process read."""
+  ckpt = os.path.join(workdir, "ckpt_big")
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(ckpt, big_state(mesh))
+  sharding = NamedSharding(mesh, BIG_SPEC)
+  abstract = {
+    name: jax.ShapeDtypeStruct((BIG_ROWS, BIG_COLS), np.float32, sharding=sharding) for name in ("plain", "embed")
+  }
+  info = fws.VocabInfo(big_new_vocab(), BIG_ROWS, 0, BIG_OLD_VOCAB)
+  settings = fws.WarmStartSettings(ckpt, vars_to_warm_start=[".*"], var_name_to_vocab_info={"embed": info})
+  # The fingerprint of the checkpoint, imports, and the like come first: read before the measured call.
+  fws.plan(abstract, settings)
+  before = rchar()
+  out = jax.block_until_ready(fws.warm_start(abstract, settings))
+  read = rchar() - before
+  local = sum(shard.data.nbytes for leaf in out.values() for shard in leaf.addressable_shards)
+  return {"read": read, "share": local, "total": sum(leaf.nbytes for leaf in out.values())}
+
+
 def shard_records(tree) -> dict[str, dict]:
   """Leaf name -> its global shape, dtype, spec and addressable shards `(index, device id, data)`."""
   out = {}
@@ -246,9 +298,14 @@ def main(argv=None) -> int:
   out = fws.warm_start(new_state(mesh), settings(ckpt), rng=jax.random.key(RNG_SEED))
   records = shard_records(jax.block_until_ready(out))
   abstract_records = shard_records(jax.block_until_ready(abstract_warm_start(mesh, ckpt)))
+  read = bytes_read(mesh, os.path.abspath(args.workdir))
+  print(
+    f"process {jax.process_index()} read {read['read']} bytes for its {read['share']} of {read['total']}", flush=True
+  )
   path = os.path.join(args.workdir, f"process_{args.process_id}.pkl")
   with open(path + ".tmp", "wb") as f:
-    pickle.dump({"process_index": jax.process_index(), "leaves": records, "abstract": abstract_records}, f)
+    record = {"process_index": jax.process_index(), "leaves": records, "abstract": abstract_records, "bytes": read}
+    pickle.dump(record, f)
   os.replace(path + ".tmp", path)
   print("wrote", path, flush=True)
   jax.distributed.shutdown()

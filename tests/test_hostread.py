@@ -10,6 +10,7 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import tensorstore as ts
 from conftest import save_checkpoint
 
 import flax_warmstart as fws
@@ -163,3 +164,152 @@ def test_bfloat16_chunks_stream_too(tmp_path, stream_all):
   hostread.run(reads, max_bytes_in_flight=1 << 20)
   np.testing.assert_array_equal(reads[0].out, table)
   np.testing.assert_array_equal(reads[1].out[index >= 0], table[index[index >= 0]].astype(np.float32))
+
+
+def _save_sharded(path, table, mesh, spec):
+  """An Orbax checkpoint of `table` saved from `mesh` as `spec`: one zarr chunk per distinct shard."""
+  from jax.sharding import NamedSharding
+
+  return save_checkpoint(path, {"t": jax.device_put(jnp.asarray(table), NamedSharding(mesh, spec))})
+
+
+def _regions(mesh, spec, shape):
+  from jax.sharding import NamedSharding
+
+  indices = NamedSharding(mesh, spec).addressable_devices_indices_map(shape).values()
+  return list({tuple(s.indices(n)[:2] for s, n in zip(i, shape, strict=True)): i for i in indices}.values())
+
+
+@pytest.fixture
+def count_decodes(monkeypatch):
+  """Counts how often each stored chunk is decoded (streamed or read through TensorStore)."""
+  decoded = []
+  blocks, scatter = hostread._blocks, hostread._scatter_chunk
+
+  def counting_blocks(chunk, *args):
+    decoded.append(chunk.key)
+    return blocks(chunk, *args)
+
+  def counting_scatter(store, grid, position, *args):
+    if grid is None:
+      decoded.append(".".join(map(str, position)))
+    return scatter(store, grid, position, *args)
+
+  monkeypatch.setattr(hostread, "_blocks", counting_blocks)
+  monkeypatch.setattr(hostread, "_scatter_chunk", counting_scatter)
+  return decoded
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "tensorstore"])
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize(
+  "new_spec", [("a", "b"), ("b", "a"), (None, "b"), ("b", None), ()], ids=lambda s: "P" + "".join(map(str, s))
+)
+def test_gather_shards_decodes_each_old_chunk_once(
+  tmp_path, mesh, monkeypatch, count_decodes, streamed, axis, new_spec
+):
+  """Every region equals its own shard read (`rows` with `window=`), and each old chunk is decoded at most once."""
+  from jax.sharding import PartitionSpec as P
+
+  if not streamed:
+    monkeypatch.setattr(hostread, "_zarr2_grid", lambda store: None)
+  monkeypatch.setattr(hostread, "_GRID_PIECE_BYTES", 96)  # several blocks and byte ranges per chunk
+  rng = np.random.default_rng(axis)
+  old = rng.normal(size=(12, 16) if axis == 0 else (16, 12)).astype(np.float32)  # vocabulary of 12 on `axis`
+  path = _save_sharded(tmp_path / "ckpt", old, mesh, P("a", "b"))  # chunks of (6, 4) or (8, 3)
+  store = _stores(path, ["t"])["t"]
+  index = rng.permutation(np.r_[np.arange(12), -np.ones(4, int)])[:16]  # 16 new rows: shuffled, some new
+  index[3] = index[5] = 7  # a duplicate
+  shape = (16, 16) if axis == 0 else (12, 16)  # axis 1: the leading 12 of 16 hidden rows
+  regions = _regions(mesh, P(*new_spec), shape)
+  outs, reads = hostread.gather_shards(store, index, shape, ml_dtypes.bfloat16, axis, regions)
+  hostread.run(reads, max_bytes_in_flight=1 << 20)
+  kept = np.flatnonzero(index >= 0)
+  expected = np.zeros(shape, ml_dtypes.bfloat16)
+  if axis == 0:
+    expected[kept] = old[index[kept]].astype(ml_dtypes.bfloat16)
+  else:
+    expected[:, kept] = old[:12, index[kept]].astype(ml_dtypes.bfloat16)
+  for region, out in zip(regions, outs, strict=True):
+    assert out.ctypes.data % 64 == 0 and out.dtype == ml_dtypes.bfloat16
+    mine = np.take(out, np.flatnonzero(index[region[axis]] >= 0), axis=axis)
+    want = np.take(expected[region], np.flatnonzero(index[region[axis]] >= 0), axis=axis)
+    np.testing.assert_array_equal(mine, want)
+  assert len(count_decodes) == len(set(count_decodes)) > 0
+  assert len(count_decodes) <= 8
+
+
+def test_gather_shards_reads_only_the_chunks_its_regions_need(tmp_path, mesh, count_decodes):
+  """Regions of one row block whose rows all come from one old row block decode only that block's chunks."""
+  from jax.sharding import PartitionSpec as P
+
+  old = np.arange(12 * 16, dtype=np.float32).reshape(12, 16)
+  store = _stores(_save_sharded(tmp_path / "ckpt", old, mesh, P("a", "b")), ["t"])["t"]  # chunks of (6, 4)
+  index = np.array([7, 6, -1, 11, 8, 9, -1, 10])  # rows of the second old row block only
+  regions = [(slice(0, 8), slice(0, 4)), (slice(0, 8), slice(4, 8))]  # the first 8 columns
+  outs, reads = hostread.gather_shards(store, index, (8, 16), np.float32, 0, regions)
+  hostread.run(reads, max_bytes_in_flight=1 << 20)
+  assert sorted(count_decodes) == ["1.0", "1.1"]
+  kept = index >= 0
+  np.testing.assert_array_equal(np.concatenate(outs, axis=1)[kept], old[index[kept], :8])
+
+
+def test_gather_shards_reads_a_missing_chunk_as_its_fill_value(tmp_path):
+  """A chunk that was never written (all fill value) reads as the fill value, through TensorStore."""
+  spec = {
+    "driver": "zarr",
+    "kvstore": {"driver": "file", "path": str(tmp_path / "z")},
+    "metadata": {"shape": [8, 4], "chunks": [4, 4], "dtype": "<f4", "compressor": {"id": "zstd", "level": 1}},
+  }
+  store = ts.open(spec, create=True).result()
+  store[:4].write(np.ones((4, 4), np.float32)).result()  # chunk 1.0 stays missing
+  store = ts.open({"driver": "zarr", "kvstore": spec["kvstore"]}).result()
+  assert hostread._zarr2_grid(store) is not None
+  index = np.array([6, 0, -1, 5])
+  outs, reads = hostread.gather_shards(store, index, (4, 4), np.float32, 0, [(slice(0, 2),), (slice(2, 4),)])
+  hostread.run(reads, max_bytes_in_flight=1 << 20)
+  np.testing.assert_array_equal(outs[0], [[0] * 4, [1] * 4])
+  np.testing.assert_array_equal(outs[1][1], [0] * 4)
+
+
+@pytest.mark.parametrize("how", ["numpy", "many_chunks"])
+def test_gather_shards_falls_back_to_a_read_per_region(tmp_path, mesh, monkeypatch, how):
+  """A numpy-like source (no chunks) or a grid of too many chunks: each region is read on its own, with `rows`."""
+  from jax.sharding import PartitionSpec as P
+
+  old = np.arange(12 * 16, dtype=np.float32).reshape(12, 16)
+  if how == "numpy":
+    store = old
+  else:
+    store = _stores(_save_sharded(tmp_path / "ckpt", old, mesh, P("a", "b")), ["t"])["t"]
+    monkeypatch.setattr(hostread, "_MAX_GATHER_CHUNKS", 2)
+  index = np.array([11, -1, 0, 5, 6, 3, -1, 2])
+  regions = _regions(mesh, P("a", "b"), (8, 16))
+  outs, reads = hostread.gather_shards(store, index, (8, 16), np.float32, 0, regions)
+  assert len(reads) == len(regions) and all(r.out is o for r, o in zip(reads, outs, strict=True))
+  hostread.run(reads, max_bytes_in_flight=1 << 20)
+  for region, out in zip(regions, outs, strict=True):
+    sub = index[region[0]]
+    np.testing.assert_array_equal(out[sub >= 0], old[sub[sub >= 0]][:, region[1]])
+
+
+def test_gather_shards_checks_the_old_table_is_large_enough(tmp_path):
+  store = ts.array(np.zeros((4, 3), np.float32))
+  with pytest.raises(ValueError, match=r"smaller than \(4, 5\) off axis 0"):
+    hostread.gather_shards(store, np.arange(4), (4, 5), np.float32, 0, [(slice(None),)])
+
+
+def test_a_damaged_chunk_fails_the_gather_naming_the_tensor(tmp_path, mesh):
+  import pathlib
+
+  from jax.sharding import PartitionSpec as P
+
+  noise = np.random.default_rng(0).normal(size=(256, 64)).astype(np.float32)  # chunks too large to be inline
+  store = _stores(_save_sharded(tmp_path / "ckpt", noise, mesh, P("a", "b")), ["t"])["t"]
+  outs, reads = hostread.gather_shards(
+    store, np.arange(256)[::-1], (256, 64), np.float32, 0, _regions(mesh, P("a", "b"), (256, 64)), label="'t' here"
+  )
+  for data in pathlib.Path(tmp_path / "ckpt").glob("ocdbt.process_*/d/*"):
+    data.write_bytes(bytes(data.stat().st_size))
+  with pytest.raises(fws.WarmStartError, match=r"Reading 't' here failed"):
+    hostread.run(reads, max_bytes_in_flight=1 << 20)

@@ -187,6 +187,25 @@ def check_shards(records: list[dict], reference: dict, mesh) -> None:
     np.testing.assert_array_equal(covered, np.full(ref.shape, replicas), err_msg=f"{name}: coverage")
 
 
+# Metadata a process reads beside its shards' data: the OCDBT manifest and b-tree nodes, the array metadata.
+METADATA_SLACK = 1 << 20
+
+
+def test_each_process_reads_only_its_shards(results):
+  """Fully sharded tensors (one plain, one remapped within each mesh row's half): each process reads its shards'
+  share of the bytes plus metadata, not the whole tensors (`rchar` of /proc/self/io around the call)."""
+  records, _, _, _ = results
+  for record in records:
+    got = record["bytes"]
+    print(
+      f"process {record['process_index']}: read {got['read'] / 2**20:.2f} MiB for its shards' {got['share'] / 2**20:.2f}"
+      f" MiB of {got['total'] / 2**20:.2f} MiB"
+    )
+    assert got["share"] * NUM_PROCESSES == got["total"]
+    # The data are random floats (zstd keeps them near their size): at least most of the share, at most all of it.
+    assert 0.5 * got["share"] < got["read"] <= got["share"] + METADATA_SLACK, got
+
+
 def test_the_warm_start_did_its_work(results):
   _, reference, _, _ = results
   out = {name: np.asarray(leaf) for name, leaf in reference.items()}

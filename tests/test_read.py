@@ -161,3 +161,35 @@ def test_sharded_axis1_remap_takes_the_leading_hidden_rows(tmp_path, mesh, backu
   np.testing.assert_array_equal(expected[:, [2, 5]], old[:8, [0, 1]])  # a and b: the leading 8 rows
   out = fws.warm_start({"t": jax.device_put(jnp.zeros((8, 8)), NamedSharding(mesh, spec))}, settings)["t"]
   np.testing.assert_array_equal(np.asarray(out), expected)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("saved_spec", [P("a", "b"), P("b", None)], ids=str)
+def test_a_sharded_remap_decodes_each_old_chunk_once(monkeypatch, tmp_path, mesh, axis, saved_spec):
+  """An old table saved from a mesh (several chunks) warm-starts a sharded leaf as the host path does, each old
+  chunk decoded once however many shards take rows from it; Orbax reads nothing."""
+  from flax_warmstart._src import hostread
+
+  rng = np.random.default_rng(axis)
+  old = rng.normal(size=(16, 24) if axis == 0 else (24, 16)).astype(np.float32)  # vocabulary of 16 on `axis`
+  path = save_checkpoint(tmp_path / "ckpt", {"t": jax.device_put(jnp.asarray(old), NamedSharding(mesh, saved_spec))})
+  old_vocab = [f"w{i}" for i in range(16)]
+  new_vocab = [old_vocab[i] for i in rng.permutation(16)[:12]] + ["n0", "n1", "n2", "n3"]
+  info = fws.VocabInfo(new_vocab, 16, 0, old_vocab, backup_initializer=jax.nn.initializers.constant(3.0), axis=axis)
+  settings = fws.WarmStartSettings(path, vars_to_warm_start=[".*"], var_name_to_vocab_info={"t": info})
+  shape = (16, 24) if axis == 0 else (24, 16)
+  expected = fws.warm_start({"t": np.zeros(shape, np.float32)}, settings)["t"]  # the host path
+  seen = _orbax_targets(monkeypatch)
+  decoded = []
+  blocks = hostread._blocks
+  monkeypatch.setattr(hostread, "_blocks", lambda chunk, *a: (decoded.append(chunk.key), blocks(chunk, *a))[1])
+  sharding = NamedSharding(mesh, P("a", "b"))
+  abstract = {"t": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)}
+  out = fws.warm_start(abstract, settings, init_fn=lambda: {"t": jnp.zeros(shape)})["t"]
+  assert seen == [] and out.sharding == sharding
+  np.testing.assert_array_equal(np.asarray(out), expected)
+  store = checkpoint_lib.open_arrays(checkpoint_lib.open_orbax(path), ["t"])["t"]
+  chunks = np.prod(np.ceil(np.divide(old.shape, store.chunk_layout.read_chunk.shape)))
+  assert 1 < len(decoded) == len(set(decoded)) <= chunks  # each chunk once (one with no kept row: not at all)
+  for shard in out.addressable_shards:
+    assert shard.data.unsafe_buffer_pointer() % 64 == 0

@@ -96,25 +96,29 @@ def shard_target(row: LeafPlan, live: Any) -> bool:
 
 
 class _ShardedRead:
-  """The reads of one tensor's addressable shards (one per distinct region), and their assembly on the devices."""
+  """The reads of one tensor's addressable shards (one buffer per distinct region), and their assembly on the devices.
+
+  A plain tensor is read region by region (`hostread.region`); a vocabulary
+  gather decodes each old chunk once and scatters its kept rows into every
+  region's buffer that wants them (`hostread.gather_shards`).
+  """
 
   def __init__(self, store: Any, row: LeafPlan, live: Any, fill: Any, label: str) -> None:
     self.row, self.live = row, live
     self.shape = tuple(row.shape)
     self.index_map = live.sharding.addressable_devices_indices_map(self.shape)
     self.fill = None if fill is None else np.asarray(fill)
+    self.regions = {self._key(idx): idx for idx in self.index_map.values()}  # distinct, in device order
     take = row.take
-    self.reads: dict[tuple[tuple[int, int], ...], hostread.Read] = {}
-    for idx in self.index_map.values():
-      key = self._key(idx)
-      if key in self.reads:
-        continue
-      if take is None:
-        self.reads[key] = hostread.region(store, idx, live.dtype, label=label)
-      else:
-        sub = take.index[idx[take.axis]]
-        shard_shape = tuple(len(range(*s.indices(n))) for s, n in zip(idx, self.shape, strict=True))
-        self.reads[key] = hostread.rows(store, sub, shard_shape, live.dtype, take.axis, window=idx, label=label)
+    if take is None:
+      self.reads = {key: hostread.region(store, idx, live.dtype, label=label) for key, idx in self.regions.items()}
+      self.outs = {key: read.out for key, read in self.reads.items()}
+      return
+    outs, reads = hostread.gather_shards(
+      store, take.index, self.shape, live.dtype, take.axis, list(self.regions.values()), label=label
+    )
+    self.outs = dict(zip(self.regions, outs, strict=True))
+    self.reads = dict(enumerate(reads))
 
   def _key(self, idx: tuple[slice, ...]) -> tuple[tuple[int, int], ...]:
     return tuple(s.indices(n)[:2] for s, n in zip(idx, self.shape, strict=True))
@@ -123,12 +127,12 @@ class _ShardedRead:
     take = self.row.take
     if take is not None:  # the rows new to the vocabulary, in each shard's buffer
       fill_index = transform_lib.fill_index_of(take.remap)
-      for idx in {self._key(i): i for i in self.index_map.values()}.values():
+      for key, idx in self.regions.items():
         window = tuple(slice(None) if d == take.axis else s for d, s in enumerate(idx))
         fill = None if self.fill is None else self.fill[window]
-        out = self.reads[self._key(idx)].out
-        transform_lib.fill_missing(out, take.index[idx[take.axis]], fill, fill_index[idx[take.axis]], axis=take.axis)
-    arrays = [jax.device_put(self.reads[self._key(idx)].out, device) for device, idx in self.index_map.items()]
+        sub = take.index[idx[take.axis]]
+        transform_lib.fill_missing(self.outs[key], sub, fill, fill_index[idx[take.axis]], axis=take.axis)
+    arrays = [jax.device_put(self.outs[self._key(idx)], device) for device, idx in self.index_map.items()]
     return jax.make_array_from_single_device_arrays(self.shape, self.live.sharding, arrays)
 
 
@@ -164,7 +168,8 @@ def read_inputs(
       checkpoint).
   """
   fills = fills or {}
-  loading = [i for i, row in enumerate(plan.leaves) if row.action is Action.LOAD]
+  # Rows that load through a rule's transform tree are read by `chain.run`.
+  loading = [i for i, row in enumerate(plan.leaves) if row.action is Action.LOAD and row.expr is None]
   direct: dict[int, hostread.Read] = {}
   sharded: dict[int, _ShardedRead] = {}
   targets: dict[int, dict[str, jax.ShapeDtypeStruct | None]] = {id(c): {} for c in plan.checkpoints}
