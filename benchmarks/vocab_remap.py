@@ -19,10 +19,17 @@ reading the checkpoint files before each run:
 Each run except fws_abstract starts from a live state that already exists (the
 new model's fresh 1.2 GiB embedding and dense layers), as in a training
 script. Prints per-run times and peak RSS, then medians and ratios against
-`orbax`, `numpy` and `tf`.
+`orbax`, `numpy` and `tf`; for the fws methods also the seconds the vocabulary
+mapping (`build_mapping`, before any read) took within the call.
+
+`--mapping` times the vocabulary mapping alone instead, in this process: the
+W1 vocabularies and two of 1,000,000 tokens (80 % shared, shuffled, written to
+--workdir), as read from their files, with the lookup `build_mapping` uses
+(hashed token bytes) and with a dict of the old tokens, medians of --runs.
 
 Example:
   python benchmarks/vocab_remap.py --runs 5
+  python benchmarks/vocab_remap.py --mapping --runs 5
 """
 
 from __future__ import annotations
@@ -144,6 +151,8 @@ def run_one(method: str, workdir: str) -> dict[str, float]:
   path = os.path.join(workdir, "orbax")
   import flax_warmstart as fws  # imported before timing, like orbax above
 
+  mapping = _time_mapping() if method in ("fws", "fws_abstract") else None
+
   start = time.perf_counter()
   if method == "orbax":
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -179,16 +188,66 @@ def run_one(method: str, workdir: str) -> dict[str, float]:
     raise ValueError(method)
   jax.block_until_ready(out)
   seconds = time.perf_counter() - start
-  return {"seconds": seconds, "peak_gib": peak_rss_gib()}
+  return {"seconds": seconds, "peak_gib": peak_rss_gib(), **({"mapping_s": mapping[0]} if mapping else {})}
+
+
+def _time_mapping() -> list[float]:
+  """Makes `build_mapping` add its seconds to the returned list (one entry, summed over calls)."""
+  from flax_warmstart._src import vocab
+
+  spent, build_mapping = [0.0], vocab.build_mapping
+
+  def timed(**kwargs):
+    start = time.perf_counter()
+    try:
+      return build_mapping(**kwargs)
+    finally:
+      spent[0] += time.perf_counter() - start
+
+  vocab.build_mapping = timed
+  return spent
+
+
+def mapping_only(workdir: str, runs: int) -> None:
+  """Times `build_mapping` on the W1 vocabularies and on two of 1,000,000 tokens: hashed lookup against a dict."""
+  import numpy as np
+
+  from flax_warmstart._src import vocab
+
+  big = os.path.join(workdir, "vocab_1m")
+  if not os.path.exists(os.path.join(big, "new.txt")):
+    os.makedirs(big, exist_ok=True)
+    write_vocabularies(big, 1_000_000, 1_000_000, OVERLAP, np.random.default_rng(1))
+  threshold = vocab._HASH_MIN_TOKENS
+  print(f"{'vocabularies':22s} {'lookup':7s} {'median s':>9s} {'cpu s':>7s}  (build_mapping; read_vocab not included)")
+  for label, where in (("W1 (300,000/262,144)", workdir), ("1,000,000/1,000,000", big)):
+    for lookup, minimum in (("hashed", threshold), ("dict", 1 << 62)):
+      vocab._HASH_MIN_TOKENS = minimum
+      wall, cpu = [], []
+      for _ in range(runs):
+        new = vocab.read_vocab(os.path.join(where, "new.txt"))  # fresh strings: their hashes are not cached
+        old = vocab.read_vocab(os.path.join(where, "old.txt"))
+        start, start_cpu = time.perf_counter(), time.process_time()
+        vocab.build_mapping(
+          new_tokens=new, old_tokens=old, num_rows=len(new), new_vocab_size=len(new), num_oov_buckets=0, where="w"
+        )
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+      print(f"{label:22s} {lookup:7s} {statistics.median(wall):9.3f} {statistics.median(cpu):7.3f}", flush=True)
+  vocab._HASH_MIN_TOKENS = threshold
 
 
 def main() -> None:
   parser = bench_parser(__doc__, "/tmp/fws_bench_w1", "orbax,numpy,fws,fws_abstract,tf", runs=5)
+  parser.add_argument("--mapping", action="store_true", help="time the vocabulary mapping alone (see above)")
   args = parser.parse_args()
   if args.one:
     print(json.dumps(run_one(args.one, args.workdir)))
     return
   build(args.workdir)
+  if args.mapping:
+    mapping_only(args.workdir, args.runs)
+    return
   has_tf = json.load(open(os.path.join(args.workdir, "built.json")))["tf"]
   methods = [m for m in args.methods.split(",") if m != "tf" or has_tf]
   results: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
@@ -206,7 +265,8 @@ def main() -> None:
       )
       result = json.loads(out.stdout.strip().splitlines()[-1])
       results[method].append(result)
-      print(f"run {run} {method:12s} {result['seconds']:7.2f} s  peak {result['peak_gib']:.2f} GiB", flush=True)
+      extra = f"  mapping {result['mapping_s']:.2f} s" if "mapping_s" in result else ""
+      print(f"run {run} {method:12s} {result['seconds']:7.2f} s  peak {result['peak_gib']:.2f} GiB{extra}", flush=True)
   print(
     f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
   )
@@ -219,6 +279,9 @@ def main() -> None:
       f"{m:12s} {med[m]:9.2f} {peak[m]:9.2f} {med[m] / med.get('orbax', nan):8.2f}"
       f" {med[m] / med.get('numpy', nan):8.2f} {med[m] / med.get('tf', nan):8.2f}"
     )
+  for m in methods:
+    if "mapping_s" in results[m][0]:
+      print(f"{m}: the vocabulary mapping took {statistics.median(r['mapping_s'] for r in results[m]):.3f} s (median)")
 
 
 if __name__ == "__main__":
