@@ -33,13 +33,18 @@ from flax_warmstart._src.settings import MeanCovarianceOfOldRows as MeanCovarian
 from flax_warmstart._src.settings import MeanOfOldRows as MeanOfOldRows
 from flax_warmstart._src.settings import VocabInfo as VocabInfo
 from flax_warmstart._src.settings import WarmStartSettings as WarmStartSettings
+from flax_warmstart._src.surgery import Broadcast as Broadcast
+from flax_warmstart._src.surgery import Reshape as Reshape
+from flax_warmstart._src.surgery import Stack as Stack
+from flax_warmstart._src.surgery import Take as Take
+from flax_warmstart._src.surgery import Transpose as Transpose
 from flax_warmstart._src.transform import Cast as Cast
-from flax_warmstart._src.transform import Take as Take
 
 __version__ = "0.1.0"
 
 __all__ = (
   "Action",
+  "Broadcast",
   "Cast",
   "LeafPlan",
   "MeanCovarianceOfOldRows",
@@ -47,7 +52,10 @@ __all__ = (
   "PROVENANCE_KEY",
   "Reason",
   "Reset",
+  "Reshape",
+  "Stack",
   "Take",
+  "Transpose",
   "VocabInfo",
   "WarmStartError",
   "WarmStartPlan",

@@ -184,7 +184,7 @@ def test_rename_to_a_missing_tensor_names_the_rule(old, renamed_new):
   ("rules", "message"),
   [
     ([(r"enc(oder/.*", None)], "not a valid regex"),
-    ([(r"encoder/.*", 3)], "must be a str or None"),
+    ([(r"encoder/.*", 3)], "must be a str, a transform"),
     ([(r"encoder/.*",)], "pair"),
   ],
 )

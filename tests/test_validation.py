@@ -143,7 +143,7 @@ BAD_RULES = {
   "set": ({("enc/(.*)", r"old/\1")}, ["`rename_rules`", "(set)", "no order"]),
   "not_a_pair": ([("a", "b", "c")], ["rename_rules[0]", "('a', 'b', 'c')", "pair"]),
   "regex_not_str": ([(5, "x")], ["rename_rules[0]", "(5, 'x')"]),
-  "template_not_str": ([("a", 5)], ["rename_rules[0]", "5 (int)", "str or None"]),
+  "template_not_str": ([("a", 5)], ["rename_rules[0]", "5 (int)", "a transform (fws.Take"]),
   "bad_regex": ([("enc/(", "x")], ["rename_rules[0]", "'enc/('", "not a valid regex"]),
   "missing_group": ([("enc/(.*)", r"old/\2")], ["rename_rules[0]", r"'old/\\2'", "invalid group reference 2",
                                                 "1 group(s)", "\\1"]),

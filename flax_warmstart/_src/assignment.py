@@ -12,6 +12,10 @@ maps checkpoint names (left) to variables or scopes of the live state (right):
 * A list of `(ckpt_name, new_name)` pairs loads one tensor into several
   variables. Pairs are processed sorted by checkpoint name (stable), and when
   a variable is assigned twice the last one wins.
+* On the checkpoint side, a transform (`fws.Transpose("wte/embedding")`,
+  `fws.Take("layers/kernel", axis=0, index=3)`, ...; see `surgery.py`) in
+  place of a name, mapped to one variable: `{fws.Transpose("wte/embedding"):
+  "lm_head/kernel"}`.
 
 Variables are every leaf of the state under the naming contract (parameters,
 optimizer slots, statistics, `step`).
@@ -20,16 +24,22 @@ optimizer slots, statistics, `step`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
+from flax_warmstart._src import surgery
 from flax_warmstart._src.errors import WarmStartError, did_you_mean
 from flax_warmstart._src.naming import Variable, load_problem
 from flax_warmstart._src.rows import Action, LeafPlan, Reason, WarmStartPlan, log_warnings
 from flax_warmstart._src.sources import Source
 
-AssignmentMap = Mapping[str, str] | Sequence[tuple[str, str]]
+AssignmentMap = Mapping[Any, str] | Sequence[tuple[Any, str]]
 
 
-def _pairs(assignment_map: AssignmentMap) -> list[tuple[str, str]]:
+def _ckpt_key(pair: tuple[Any, str]) -> str:
+  return pair[0].inner() if surgery.is_transform(pair[0]) else pair[0]
+
+
+def _pairs(assignment_map: AssignmentMap) -> list[tuple[Any, str]]:
   if isinstance(assignment_map, Mapping):
     pairs = list(assignment_map.items())
   elif isinstance(assignment_map, Sequence) and not isinstance(assignment_map, str):
@@ -38,10 +48,18 @@ def _pairs(assignment_map: AssignmentMap) -> list[tuple[str, str]]:
     raise WarmStartError(
       f"assignment_map must be a dict or a list of (ckpt_name, new_name) pairs, got {type(assignment_map).__name__}."
     )
-  bad = [p for p in pairs if not (isinstance(p, tuple | list) and len(p) == 2 and all(isinstance(x, str) for x in p))]
+
+  def ok(p: Any) -> bool:
+    pair = isinstance(p, tuple | list) and len(p) == 2 and isinstance(p[1], str)
+    return pair and (isinstance(p[0], str) or surgery.is_transform(p[0]))
+
+  bad = [p for p in pairs if not ok(p)]
   if bad:
-    raise WarmStartError(f"assignment_map entries must be (ckpt_name: str, new_name: str) pairs; got {bad[0]!r}.")
-  return sorted(((str(a), str(b)) for a, b in pairs), key=lambda p: p[0])
+    raise WarmStartError(
+      "assignment_map entries must be (ckpt_name: str or a transform such as fws.Transpose(...), new_name: str)"
+      f" pairs; got {bad[0]!r}."
+    )
+  return sorted(((a, str(b)) for a, b in pairs), key=_ckpt_key)
 
 
 def build_assignment_plan(
@@ -72,7 +90,7 @@ def build_assignment_plan(
   ckpt = checkpoint.variables
   where = checkpoint.describe()
   problems: list[str] = []
-  assigned: dict[str, tuple[str, str]] = {}  # variable -> (checkpoint name, pair that set it)
+  assigned: dict[str, tuple[Any, str]] = {}  # variable -> (checkpoint name or resolved transform, pair that set it)
 
   def assign(var: str, tensor: str, pair: str) -> None:
     v, found = by_name[var], ckpt[tensor]
@@ -85,13 +103,32 @@ def build_assignment_plan(
     if found.shape != v.shape:
       problems.append(
         f"Shape of variable {var!r} ({v.shape}) doesn't match with shape of tensor {tensor!r} ({found.shape})"
-        f" from checkpoint {where} (assignment {pair})."
+        f" from checkpoint {where} (assignment {pair}).{surgery.shape_hint(v.shape, found.shape, tensor)}"
       )
       return
     assigned[var] = (tensor, pair)
 
   for ckpt_name, target in _pairs(assignment_map):
     pair = f"{ckpt_name!r}: {target!r}"
+    if surgery.is_transform(ckpt_name):  # a transform into one variable
+      if target not in by_name:
+        problems.append(
+          f"Assignment {pair}: a transform assigns one variable, and {target!r} is not a variable of the state."
+          f"{did_you_mean(target, names)}"
+        )
+        continue
+      v = by_name[target]
+      node = surgery.resolve(
+        ckpt_name, ckpt, expected=tuple(v.shape or ()), slot=False, where=f"Assignment {pair}", problems=problems
+      )
+      if node is not None and node.shape != tuple(v.shape or ()):
+        problems.append(
+          f"Assignment {pair}: {node.describe()} gives shape {node.shape}, but variable {target!r} has shape"
+          f" {v.shape}.{surgery.shape_hint(tuple(v.shape or ()), node.shape, ckpt_name.inner())}"
+        )
+      elif node is not None:
+        assigned[target] = (node, pair)
+      continue
     if target in by_name:  # One tensor into one variable.
       if ckpt_name not in ckpt:
         problems.append(
@@ -139,7 +176,10 @@ def build_assignment_plan(
   for v in variables:
     if v.name in assigned:
       tensor, pair = assigned[v.name]
-      rows.append(LeafPlan.loaded_from(v, checkpoint, ckpt[tensor], f"assignment {pair}", Reason.ASSIGNED))
+      if isinstance(tensor, surgery.Node):
+        rows.append(LeafPlan.transformed(v, checkpoint, tensor, f"assignment {pair}", Reason.ASSIGNED, renamed_by=pair))
+      else:
+        rows.append(LeafPlan.loaded_from(v, checkpoint, ckpt[tensor], f"assignment {pair}", Reason.ASSIGNED))
     else:
       rows.append(LeafPlan.unloaded(v, Action.KEEP, "not in assignment_map", Reason.NOT_ASSIGNED))
   warnings = []

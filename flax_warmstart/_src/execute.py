@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_warmstart._src import chain as chain_lib
 from flax_warmstart._src import read as read_lib
 from flax_warmstart._src import state as state_lib
 from flax_warmstart._src import transform as transform_lib
@@ -188,9 +189,19 @@ def execute_leaves(
     update(f"Initialising {len(fresh)} leaves that are not loaded")
     for i, value in zip(fresh, _init_leaves(init_fn, fresh, plan, live), strict=True):
       new_leaves[i] = value
+  chain_lib.check_keys(plan, rng)
   fetched = read_lib.read_inputs(plan, live, update, fills)
+  surgery = [i for i, row in enumerate(plan.leaves) if row.action is Action.LOAD and row.expr is not None]
+  if surgery:
+    update(f"Reading and transforming {len(surgery)} leaves")
+    nbytes = sum(plan.leaves[i].nbytes for i in surgery)
+    computed = chain_lib.run(
+      plan, surgery, keys, max_bytes_in_flight=max(read_lib.MIN_BYTES_IN_FLIGHT, nbytes // 10), live=live
+    )
   for i, row in enumerate(plan.leaves):
-    if row.action is Action.LOAD:
+    if row.action is Action.LOAD and row.expr is not None:
+      new_leaves[i] = transform_lib.conform(computed.pop(i), live[i])
+    elif row.action is Action.LOAD:
       got = fetched.pop(i)
       value, take = got.value, row.take
       if take is not None and got.filled:

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 
+from flax_warmstart._src import surgery
 from flax_warmstart._src.errors import WarmStartError, did_you_mean
 from flax_warmstart._src.naming import Variable, load_problem
 from flax_warmstart._src.rename import PREV, Renamer
@@ -135,6 +136,11 @@ def build_plan(
     if source is None:
       rows.append(LeafPlan.unloaded(v, Action.KEEP, f"{how} keeps it", Reason.RULE_KEEPS))
       continue
+    if surgery.is_transform(source):
+      row = _surgery_row(v, source, how, checkpoint, shapes, v.name in vocab or v.param in vocab, problems)
+      if row is not None:
+        rows.append(row)
+      continue
     via = f" (renamed from {v.name!r} by {how})" if how else ""
     found = ckpt.get(source)
     if found is None and v.rng:
@@ -178,8 +184,7 @@ def build_plan(
     elif found.shape != v.shape:
       problems.append(
         f"{v.name!r}: shape {v.shape} in the state, but the checkpoint tensor"
-        f" {source!r}{via} has shape {found.shape}. Leave it out of"
-        " vars_to_warm_start, or give it a VocabInfo if its rows are a vocabulary."
+        f" {source!r}{via} has shape {found.shape}.{surgery.shape_hint(v.shape, found.shape, source)}"
       )
       continue
     rows.append(LeafPlan.loaded_from(v, checkpoint, found, reason, Reason.SELECTED, remap=remap, renamed_by=how))
@@ -197,6 +202,51 @@ def build_plan(
   vocab_warnings = [w for remap in remaps.values() if remap is not None for w in remap.mapping.warnings]
   warnings = log_warnings(own) + tuple(dict.fromkeys(vocab_warnings))
   return WarmStartPlan(checkpoints=(checkpoint,), leaves=tuple(rows), sources=(settings,), warnings=warnings)
+
+
+def _surgery_row(
+  v: Variable,
+  spec: Any,
+  how: str | None,
+  checkpoint: Source,
+  shapes: dict[str, Any],
+  remapped: bool,
+  problems: list[str],
+) -> LeafPlan | None:
+  """A `LOAD` row through a rule's transform, resolved against the checkpoint's metadata (None after a problem)."""
+  where = f"{how} for {v.name!r}"
+  if remapped:
+    problems.append(
+      f"{where}: a leaf with a VocabInfo (or a slot of one) cannot also load through {spec.describe()};"
+      " remap its vocabulary or transform it, not both."
+    )
+    return None
+  if v.kind == "slot" and v.shape != shapes.get(v.param):
+    reason = f"factored slot of {v.param!r}: cannot follow its {spec.describe()}, kept at its current (init) value"
+    return LeafPlan.unloaded(v, Action.KEEP, reason, Reason.FACTORED_SLOT)
+  if v.shape is None or v.dtype is None or v.label not in ("array", "scalar"):
+    problems.append(f"{where}: {spec.describe()} gives an array, but the leaf holds {v.label}.")
+    return None
+  node = surgery.resolve(
+    spec, checkpoint.variables, expected=tuple(v.shape), slot=v.kind == "slot", where=where, problems=problems
+  )
+  if node is None:
+    return None
+  if node.shape != tuple(v.shape):
+    problems.append(
+      f"{where}: {node.describe()} gives shape {node.shape}, but {v.name!r} has shape {tuple(v.shape)}"
+      f" in the state.{_rule_hint(v, node, checkpoint)}"
+    )
+    return None
+  return LeafPlan.transformed(v, checkpoint, node, f"selected, transformed by {how}", Reason.SELECTED, renamed_by=how)
+
+
+def _rule_hint(v: Variable, node: surgery.Node, checkpoint: Source) -> str:
+  """For a transform that gives the wrong shape: what would fit the one tensor it reads, if one."""
+  inputs = node.inputs()
+  if len(inputs) != 1:
+    return ""
+  return surgery.shape_hint(tuple(v.shape), tuple(checkpoint.variables[inputs[0]].shape), inputs[0])
 
 
 def combine(plans: Sequence[WarmStartPlan], overlap: str = "error") -> WarmStartPlan:

@@ -43,6 +43,7 @@ def provenance(plan: WarmStartPlan) -> dict[str, Any]:
     "leaves": {
       row["name"]: {k: row[k] for k in ("action", "source", "checkpoint") if row[k] is not None}
       | ({"vocab": row["vocab"]} if "vocab" in row else {})
+      | ({"inputs": row["inputs"], "chain": row["chain"]} if len(row["inputs"]) > 1 or " -> " in row["chain"] else {})
       for row in full["leaves"]
     },
   }

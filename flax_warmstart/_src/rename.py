@@ -3,14 +3,18 @@
 In order of precedence: its own `var_name_to_prev_var_name` entry (an exact
 name), the first `rename_rules` regex that fully matches its name (T5X's
 assignment-map rules), its parameter's rename plus its slot path (for an
-optimizer slot), else its own name.
+optimizer slot), else its own name. A rule's right side may be a transform
+(`surgery.py`) instead of a template: it comes back with its templates
+expanded, and a slot gets its parameter's transform over its own tensors.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
+from flax_warmstart._src import surgery
 from flax_warmstart._src.naming import Variable
 
 PREV = "var_name_to_prev_var_name"
@@ -21,7 +25,7 @@ class Renamer:
 
   Args:
     prev: `var_name_to_prev_var_name`.
-    rules: `rename_rules`, `(regex, template or None)` pairs.
+    rules: `rename_rules`, `(regex, template, transform or None)` pairs.
 
   Examples:
     >>> r = Renamer({}, [(r"encoder/(.*)", r"old_encoder/\\1"), (r"head/.*", None)])
@@ -31,32 +35,38 @@ class Renamer:
     (None, 'rename_rules[1]')
   """
 
-  def __init__(self, prev: Mapping[str, str], rules: Sequence[tuple[str, str | None]]) -> None:
+  def __init__(self, prev: Mapping[str, str], rules: Sequence[tuple[str, Any]]) -> None:
     self.prev = prev
     self.rules = [(re.compile(pattern), template) for pattern, template in rules]
     self.used = [False] * len(self.rules)
 
-  def _rule(self, name: str) -> tuple[str | None, str] | None:
+  def _rule(self, name: str) -> tuple[Any, str] | None:
     for k, (regex, template) in enumerate(self.rules):
       match = regex.fullmatch(name)
       if match:
         self.used[k] = True
+        if surgery.is_transform(template):
+          return surgery.expand(template, match), f"rename_rules[{k}]"
         return (None if template is None else match.expand(template)), f"rename_rules[{k}]"
     return None
 
-  def _name(self, name: str) -> tuple[str | None, str] | None:
+  def _name(self, name: str) -> tuple[Any, str] | None:
     if self.prev.get(name):
       return self.prev[name], PREV
     return self._rule(name)
 
-  def source(self, v: Variable) -> tuple[str | None, str | None]:
-    """`(checkpoint name, how)`: the name is None when a rule keeps the leaf; `how` is None when not renamed."""
+  def source(self, v: Variable) -> tuple[Any, str | None]:
+    """`(checkpoint name or transform, how)`: None when a rule keeps the leaf; `how` is None when not renamed."""
     found = self._name(v.name)
     if found is None and v.kind == "slot":
       found = self._name(v.param)
       if found is not None:
         old, how = found
-        found = (None if old is None else f"{old}/{v.slot}"), f"{how} of its parameter"
+        if surgery.is_transform(old):
+          old = old.map_templates(lambda t: f"{t}/{v.slot}")
+        elif old is not None:
+          old = f"{old}/{v.slot}"
+        found = old, f"{how} of its parameter"
     return found if found is not None else (v.name, None)
 
   def unused_rules(self, names: Sequence[str], selected: set[str]) -> list[str]:

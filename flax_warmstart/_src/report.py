@@ -6,6 +6,8 @@ import html
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from flax_warmstart._src import surgery
+
 if TYPE_CHECKING:
   from flax_warmstart._src.rows import LeafPlan, WarmStartPlan
 
@@ -34,6 +36,8 @@ def _cells(row: LeafPlan) -> tuple[str, ...]:
   if row.kind not in ("array", "scalar"):  # a PRNG key (its key data's shape), a string, an object
     dtype = row.kind
   source = "" if row.source in (None, row.name) else row.source
+  if row.expr is not None:  # a rule's transform: the chain, with the shape after each step
+    source = row.expr.describe()
   read = human_bytes(row.nbytes) if row.nbytes else ""
   return (row.name, str(row.action), source, str(row.shape), dtype, read, row.sharding, row.reason)
 
@@ -123,6 +127,8 @@ def _row_dict(plan: WarmStartPlan, row: LeafPlan) -> dict[str, Any]:
     "source": row.source,
     "renamed_by": row.renamed_by,
     "transforms": [t.describe() for t in row.transforms],
+    "chain": row.chain(),
+    "inputs": list(row.inputs),
     "checkpoint": None if row.checkpoint is None else index[id(row.checkpoint)],
     "shape": list(row.shape),
     "dtype": str(row.dtype),
@@ -141,9 +147,10 @@ def _row_dict(plan: WarmStartPlan, row: LeafPlan) -> dict[str, Any]:
 def _source_dict(source: Any) -> Any:
   if hasattr(source, "to_dict"):
     return source.to_dict()
-  if isinstance(source, dict):
+  pairs = list(source.items()) if isinstance(source, dict) else list(source)
+  if isinstance(source, dict) and not any(surgery.is_transform(k) for k in source):
     return {"assignment_map": dict(source)}
-  return {"assignment_map": [list(pair) for pair in source]}
+  return {"assignment_map": [[surgery.to_data(a), b] for a, b in pairs]}
 
 
 def to_dict(plan: WarmStartPlan) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import numpy as np
 from flax_warmstart._src import report
 from flax_warmstart._src.naming import Variable
 from flax_warmstart._src.sources import Source
+from flax_warmstart._src.surgery import Node
 from flax_warmstart._src.transform import Cast, Take, Transform
 from flax_warmstart._src.vocab import Remap
 
@@ -90,7 +91,7 @@ class Reason(enum.StrEnum):
   RULE_KEEPS = "rule_keeps"  # a rename rule with template None
   MISSING_SKIPPED = "missing_skipped"  # skip_missing=True and no such tensor
   RNG_NOT_IN_CHECKPOINT = "rng_not_in_checkpoint"  # RNG stream state the checkpoint does not hold keeps its own
-  FACTORED_SLOT = "factored_slot"  # a factored slot cannot follow a vocabulary remap
+  FACTORED_SLOT = "factored_slot"  # a factored slot cannot follow its parameter's vocabulary remap or transform
   POLICY_KEEP = "policy_keep"  # optimizer_state='keep' or step='keep' overrides the selection
   POLICY_RESET = "policy_reset"  # optimizer_state='reset' or step='reset'
 
@@ -111,6 +112,11 @@ class LeafPlan:
     source_dtype: Dtype of the checkpoint tensor.
     transforms: For `LOAD`, the chain from the checkpoint tensor to the leaf:
       a `Take` (vocabulary gather) and a final `Cast` where the dtypes differ.
+    expr: For a `LOAD` through a rule's transform (`Take`, `Stack`,
+      `Transpose`, `Reshape`, `Broadcast`): the resolved tree, with the
+      checkpoint tensors it reads and the shape after every step
+      (`flax_warmstart._src.surgery.Node`); `transforms` then holds only the
+      final `Cast`.
     checkpoint: For `LOAD`, the source read (`flax_warmstart._src.sources.Source`).
     reset: For `RESET`, what is reset.
     renamed_by: For `LOAD`, the setting that renamed it (`"rename_rules[0]"`,
@@ -146,6 +152,7 @@ class LeafPlan:
   step_leaf: bool = False
   sharding: str = ""
   kind: str = "array"
+  expr: Node | None = None
 
   @property
   def cast(self) -> bool:
@@ -165,8 +172,29 @@ class LeafPlan:
 
   @property
   def inputs(self) -> tuple[str, ...]:
-    """The checkpoint tensors the leaf is computed from (one today)."""
+    """The checkpoint tensors the leaf is computed from."""
+    if self.expr is not None:
+      return self.expr.inputs()
     return () if self.source is None else (self.source,)
+
+  @property
+  def reads(self) -> tuple[tuple[str, Any, int], ...]:
+    """`(tensor, region, bytes)` read for this leaf: a whole tensor (region None), or one slice or rows of it."""
+    if self.action is not Action.LOAD:
+      return ()
+    if self.expr is not None:
+      return tuple(self.expr.reads())
+    return ((self.source, None, self.nbytes),) if self.source is not None else ()
+
+  def chain(self) -> str:
+    """The way from the checkpoint to the leaf, with the shapes: `wte/embedding (50, 8) -> transpose (8, 50)`."""
+    if self.expr is None:
+      if self.source is None:
+        return ""
+      steps = [f"{self.source} {tuple(self.source_shape or ())}"] + [t.describe() for t in self.transforms]
+    else:
+      steps = [self.expr.describe()] + [t.describe() for t in self.transforms]
+    return " -> ".join(steps)
 
   @classmethod
   def unloaded(cls, v: Variable, action: Action, reason: str, code: Reason, reset: Reset | None = None) -> LeafPlan:
@@ -188,7 +216,7 @@ class LeafPlan:
     renamed_by: str | None = None,
   ) -> LeafPlan:
     """A `LOAD` row: live leaf `v` from checkpoint tensor `source`, through a gather (with `remap`) and a cast."""
-    chain: list[Transform] = [] if remap is None else [Take(remap)]
+    chain: list[Transform] = [] if remap is None else [Take(remap=remap)]
     if source.dtype != v.dtype:
       chain.append(Cast(v.dtype))
     return cls(
@@ -208,10 +236,39 @@ class LeafPlan:
       kind=v.label,
     )
 
+  @classmethod
+  def transformed(
+    cls, v: Variable, checkpoint: Source, expr: Node, reason: str, code: Reason, *, renamed_by: str | None = None
+  ) -> LeafPlan:
+    """A `LOAD` row: live leaf `v` computed from checkpoint tensors by a rule's transform tree, then a cast."""
+    inputs = expr.inputs()
+    first = checkpoint.variables[inputs[0]] if inputs else None
+    return cls(
+      v.name,
+      Action.LOAD,
+      reason,
+      code,
+      source=inputs[0] if inputs else None,
+      shape=v.shape,
+      dtype=v.dtype,
+      source_shape=None if first is None else first.shape,
+      source_dtype=expr.dtype,
+      transforms=(Cast(v.dtype),) if expr.dtype != v.dtype else (),
+      checkpoint=checkpoint,
+      renamed_by=renamed_by,
+      step_leaf=is_step(v),
+      kind=v.label,
+      expr=expr,
+    )
+
   @property
   def nbytes(self) -> int:
-    """Bytes read from the checkpoint for this leaf (0 unless `LOAD`)."""
-    if self.action is not Action.LOAD or self.source_shape is None or self.source_dtype is None:
+    """Bytes read from the checkpoint for this leaf (0 unless `LOAD`; a transform's reads only what it uses)."""
+    if self.action is not Action.LOAD:
+      return 0
+    if self.expr is not None:
+      return sum(n for _, _, n in self.expr.reads())
+    if self.source_shape is None or self.source_dtype is None:
       return 0
     return int(np.prod(self.source_shape, dtype=np.int64)) * self.source_dtype.itemsize
 
@@ -268,8 +325,10 @@ class WarmStartPlan:
   @property
   def nbytes(self) -> int:
     """Total bytes read from the checkpoint."""
-    # A tensor feeding several leaves is read once.
-    return sum({(id(leaf.checkpoint), leaf.source): leaf.nbytes for leaf in self.loaded}.values())
+    # A tensor (or a slice of one) feeding several leaves is read once.
+    return sum(
+      {(id(leaf.checkpoint), name, region): n for leaf in self.loaded for name, region, n in leaf.reads}.values()
+    )
 
   def summary(self) -> str:
     """One line: how many leaves come from where, and the bytes read."""
@@ -284,7 +343,7 @@ class WarmStartPlan:
 
   def unused_tensors(self) -> dict[str, list[str]]:
     """Per checkpoint (by `describe()`), the tensors that nothing reads."""
-    used = {(id(row.checkpoint), row.source) for row in self.loaded}
+    used = {(id(row.checkpoint), name) for row in self.loaded for name in row.inputs}
     return {c.describe(): [n for n in c.variables if (id(c), n) not in used] for c in self.checkpoints}
 
   def to_dict(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from flax_warmstart._src import surgery
 from flax_warmstart._src.errors import WarmStartError, did_you_mean
 from flax_warmstart._src.settings import (
   MeanCovarianceOfOldRows,
@@ -30,6 +31,7 @@ from flax_warmstart._src.settings import (
   _is_real,
   _show,
 )
+from flax_warmstart._src.tokenizer_vocab import is_tokenizer, serialization_error
 
 _PLAIN = {
   "zeros": jax.nn.initializers.zeros,
@@ -171,7 +173,10 @@ def _initializer_to_spec(init: Any) -> Any:
   return repr(init)  # A Python callable: recorded, not reloadable.
 
 
-def _path(value: Any) -> Any:
+def _path(value: Any, where: str) -> Any:
+  """A vocabulary as plain data: its path, or its tokens; an in-memory tokenizer is an error."""
+  if is_tokenizer(value):
+    raise serialization_error(value, where)
   return os.fspath(value) if isinstance(value, str | os.PathLike) else list(value)
 
 
@@ -199,8 +204,8 @@ def settings_to_dict(settings: WarmStartSettings) -> dict[str, Any]:
     "var_name_to_vocab_info": {
       name: {
         **{f.name: getattr(info, f.name) for f in dataclasses.fields(info)},
-        "new_vocab": _path(info.new_vocab),
-        "old_vocab": _path(info.old_vocab),
+        "new_vocab": _path(info.new_vocab, f"var_name_to_vocab_info[{name!r}].new_vocab"),
+        "old_vocab": _path(info.old_vocab, f"var_name_to_vocab_info[{name!r}].old_vocab"),
         "backup_initializer": _initializer_to_spec(info.backup_initializer),
         "donor_tokens": dict(info.donor_tokens),
         "token_vectors": {k: list(v) if isinstance(v, tuple) else v for k, v in info.token_vectors.items()},
@@ -211,7 +216,7 @@ def settings_to_dict(settings: WarmStartSettings) -> dict[str, Any]:
     "skip_missing": settings.skip_missing,
     "ckpt_item": settings.ckpt_item,
     "ckpt_step": settings.ckpt_step if not hasattr(settings.ckpt_step, "item") else settings.ckpt_step.item(),
-    "rename_rules": [list(rule) for rule in settings.rename_rules],
+    "rename_rules": [[pattern, surgery.to_data(template)] for pattern, template in settings.rename_rules],
     "optimizer_state": settings.optimizer_state,
     "step": settings.step,
   }

@@ -18,7 +18,9 @@ from typing import Any, Literal
 import numpy as np
 from flax.core import FrozenDict
 
+from flax_warmstart._src import surgery
 from flax_warmstart._src.errors import WarmStartError
+from flax_warmstart._src.tokenizer_vocab import is_tokenizer, tokenizer_hint
 
 # What happens to the optimizer state and the step (see WarmStartSettings).
 Policy = Literal["select", "load", "reset", "keep"]
@@ -88,10 +90,18 @@ class VocabInfo:
 
   Attributes:
     new_vocab: The new vocabulary: a file path (local or any path etils opens,
-      e.g. `gs://`), one token per line, or a sequence of tokens.
+      e.g. `gs://`) of a text file (one token per line), a SentencePiece model
+      (`.model`: T5, Gemma, Llama 2) or a Hugging Face `tokenizer.json`; a
+      sequence of tokens; or a loaded `sentencepiece.SentencePieceProcessor`,
+      `tokenizers.Tokenizer` or transformers fast tokenizer. A tokenizer gives
+      its tokens in id order (token `i` is id `i`'s piece; an id with no token
+      is a placeholder that matches only the same id's placeholder) and needs
+      the `sentencepiece` or `tokenizers` extra. An in-memory tokenizer cannot
+      be written to a settings file: give its file's path there.
     new_vocab_size: How many leading tokens of `new_vocab` are rows.
     num_oov_buckets: Number of out-of-vocabulary rows after the vocabulary.
-    old_vocab: The vocabulary the checkpoint was trained with (path or tokens).
+    old_vocab: The vocabulary the checkpoint was trained with (any form
+      `new_vocab` takes).
     old_vocab_size: `-1` for all of `old_vocab`, else its first N tokens. As in
       TensorFlow, it is ignored for `axis=1`.
     backup_initializer: Fills new-token and OOV rows: a JAX initializer
@@ -125,10 +135,10 @@ class VocabInfo:
     ('<pad>', 'a', 'b')
   """
 
-  new_vocab: str | os.PathLike | Sequence[str]
+  new_vocab: str | os.PathLike | Sequence[str] | Any  # Any: an in-memory tokenizer
   new_vocab_size: int
   num_oov_buckets: int
-  old_vocab: str | os.PathLike | Sequence[str]
+  old_vocab: str | os.PathLike | Sequence[str] | Any
   old_vocab_size: int = -1
   backup_initializer: Callable[..., Any] | None = None
   axis: int = 0
@@ -197,12 +207,15 @@ def _int_field(field: str, value: Any, allowed: str, problems: list[str]) -> Any
 
 
 def _vocab_source(field: str, value: Any, problems: list[str]) -> Any:
-  """A vocabulary path stays as given; a token sequence becomes a tuple of str."""
-  if isinstance(value, str | os.PathLike):
+  """A vocabulary path or tokenizer stays as given; a token sequence becomes a tuple of str."""
+  if isinstance(value, str | os.PathLike) or is_tokenizer(value):
     return value
   if isinstance(value, np.ndarray) and value.ndim == 1:
     value = value.tolist()
-  allowed = "a vocabulary file path (str or os.PathLike) or an ordered sequence of str tokens (a list or tuple)"
+  allowed = (
+    "a vocabulary file path (str or os.PathLike), an ordered sequence of str tokens (a list or tuple), or a"
+    " SentencePieceProcessor or tokenizers.Tokenizer"
+  )
   if isinstance(value, bytes | bytearray):
     problems.append(f"`{field}` must be {allowed}; got {_show(value)}. Decode bytes first (value.decode()).")
     return value
@@ -212,7 +225,7 @@ def _vocab_source(field: str, value: Any, problems: list[str]) -> Any:
     )
     return value
   if not isinstance(value, Sequence):
-    problems.append(f"`{field}` must be {allowed}; got {_show(value)}.")
+    problems.append(f"`{field}` must be {allowed}; got {_show(value)}.{tokenizer_hint(value)}")
     return value
   tokens = tuple(value)
   bad = [(i, t) for i, t in enumerate(tokens) if not isinstance(t, str)]
@@ -302,6 +315,11 @@ class WarmStartSettings:
       keeps the leaf at its current (fresh) value. A rule that matches no
       selected name is an error. `var_name_to_prev_var_name` takes precedence
       (an exact name beats a pattern); a parameter's rename carries its slots.
+      In place of a template, a transform whose innermost argument is one
+      (model surgery: `Take` one layer of a scanned stack, `Stack` unrolled
+      layers, `Transpose`, `Reshape`, `Broadcast` into experts; they nest),
+      or the same as data (`{"transpose": "wte/embedding"}`); a parameter's
+      slots follow it through the same transform.
     optimizer_state: What happens to the optimizer state (leaves under
       `opt_state`): `"select"` (default) follows `vars_to_warm_start`, as in
       TensorFlow; `"load"` loads the slots of every loaded parameter and the
@@ -338,7 +356,7 @@ class WarmStartSettings:
   var_name_to_prev_var_name: Mapping[str, str] = dataclasses.field(default_factory=FrozenDict)
   skip_missing: bool = False
   ckpt_item: str | None = None
-  rename_rules: Sequence[tuple[str, str | None]] = ()
+  rename_rules: Sequence[tuple[str, Any]] = ()
   optimizer_state: Policy = "select"
   step: Policy = "select"
   ckpt_step: int | str | None = None
@@ -451,28 +469,41 @@ def _normalize_rules(rules: Any, problems: list[str]) -> tuple[tuple[str, str | 
   for k, rule in enumerate(rules):
     where = f"rename_rules[{k}]"
     if not (isinstance(rule, list | tuple) and len(rule) == 2 and isinstance(rule[0], str)):
-      problems.append(f"{where} must be a (new_name_regex, old_name_template or None) pair of str, got {_show(rule)}.")
+      problems.append(
+        f"{where} must be a (new_name_regex, old_name_template, transform or None) pair, got {_show(rule)}."
+      )
       continue
     pattern, template = rule
-    if template is not None and not isinstance(template, str):
-      problems.append(f"{where}: the template for {pattern!r} must be a str or None, got {_show(template)}.")
+    if isinstance(template, Mapping):  # a transform written as data: {"transpose": "wte/embedding"}
+      try:
+        template = surgery.from_data(template, where)
+      except WarmStartError as err:
+        problems += err.problems
+        continue
+    if template is not None and not isinstance(template, str) and not surgery.is_transform(template):
+      problems.append(
+        f"{where}: the template for {pattern!r} must be a str, a transform (fws.Take, fws.Stack, fws.Transpose,"
+        f" fws.Reshape, fws.Broadcast) or None, got {_show(template)}."
+      )
       continue
     try:
       regex = re.compile(pattern)
     except re.error as err:
       problems.append(f"{where}: {pattern!r} is not a valid regex: {err}.")
       continue
-    if template is not None:
+    texts = [] if template is None else [template] if isinstance(template, str) else list(template.templates())
+    for text in texts:
       try:
-        regex.sub(template, "")  # Compiles the template against the regex's groups; matches nothing.
+        regex.sub(text, "")  # Compiles the template against the regex's groups; matches nothing.
       except (re.error, IndexError) as err:
         groups = [f"\\{i}" for i in range(1, regex.groups + 1)] + [f"\\g<{n}>" for n in regex.groupindex]
         problems.append(
-          f"{where}: template {template!r} does not fit regex {pattern!r}: {err}. The regex has"
+          f"{where}: template {text!r} does not fit regex {pattern!r}: {err}. The regex has"
           f" {regex.groups} group(s){': ' + ', '.join(groups) if groups else ''}."
         )
-        continue
-    out.append((pattern, template))
+        break
+    else:
+      out.append((pattern, template))
   return tuple(out)
 
 

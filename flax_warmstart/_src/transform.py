@@ -2,8 +2,9 @@
 
 A plan row that loads a leaf carries a chain of transforms (DESIGN.md,
 "Transforms"), each a small frozen value whose output shape is known in the
-plan: today `Take` (the vocabulary gather: new row `i` is old row
-`index[i]`, rows with index -1 filled) and `Cast` (always last, to the live
+plan: `Take` (here the vocabulary gather: new row `i` is old row
+`index[i]`, rows with index -1 filled; the rule transforms of
+`surgery.py` run through `chain.py`) and `Cast` (always last, to the live
 dtype). The gather has two backends with one meaning, tested against each
 other: on the host (`take_host`, into a 64-byte-aligned buffer that
 `jax.device_put` adopts; the read stage also reads only the kept rows of a
@@ -28,48 +29,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from flax_warmstart._src.arrays import aligned_empty, leading
 from flax_warmstart._src.errors import WarmStartError
 from flax_warmstart._src.settings import NEW_ROW_INITIALIZERS
+from flax_warmstart._src.surgery import Take
 from flax_warmstart._src.typing import Shape
 from flax_warmstart._src.vocab import Remap
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Take:
-  """Rows along `axis` by index (`numpy.take`), from a vocabulary remap: `out[..., i, ...] = in[..., index[i], ...]`.
-
-  Rows whose index is -1 (new tokens, OOV buckets) are filled: from the
-  `VocabInfo`'s backup initializer, donor tokens or explicit vectors for a
-  parameter, zeros for an optimizer slot that follows it. With `axis=1`, only
-  the leading entries of axis 0 are used (TensorFlow's rule for a softmax
-  kernel whose hidden size shrank; see `leading`).
-
-  Attributes:
-    remap: The planned vocabulary remap (its `VocabInfo`, row mapping, and the
-      parameter a slot follows).
-
-  Examples:
-    >>> import flax_warmstart as fws
-    >>> from flax_warmstart._src.vocab import build_mapping, Remap
-    >>> info = fws.VocabInfo(["b", "new", "a"], 3, 0, ["a", "b"])
-    >>> take = Take(Remap(info, build_mapping(new_tokens=["b", "new", "a"], old_tokens=["a", "b"], num_rows=3,
-    ...     new_vocab_size=3, num_oov_buckets=0, where="emb", old_source="old", new_source="new")))
-    >>> take.index.tolist(), take.describe()
-    ([1, -1, 0], 'take(axis=0, 2 copied, 1 new, 0 OOV)')
-  """
-
-  remap: Remap
-
-  @property
-  def axis(self) -> int:
-    return self.remap.info.axis
-
-  @property
-  def index(self) -> np.ndarray:
-    """`int [new rows]`: the old row of each new row, or -1."""
-    return self.remap.index
-
-  def describe(self) -> str:
-    stats = self.remap.mapping.stats()
-    return f"take(axis={self.axis}, {stats['copied']} copied, {stats['new']} new, {stats['oov']} OOV)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +76,8 @@ def table_sharding(
     >>> import jax
     >>> from jax.sharding import NamedSharding, PartitionSpec as P
     >>> mesh = jax.make_mesh((1,), ("x",))
-    >>> table_sharding(NamedSharding(mesh, P("x", None)), (10, 4), axis=0).spec
-    P(None, 'x')
+    >>> tuple(table_sharding(NamedSharding(mesh, P("x", None)), (10, 4), axis=0).spec)
+    (None, 'x')
   """
   if not isinstance(live, NamedSharding):
     return live
