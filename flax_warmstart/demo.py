@@ -44,6 +44,18 @@ class Classifier(nn.Module):
     return nn.Dense(self.num_classes, name="head")(x)
 
 
+def new_state(rng: jax.Array | None = None) -> train_state.TrainState:
+  """The changed model (encoder renamed `backbone`, a 3-way head), freshly initialised, with its Adam state.
+
+  The new model as code for the command line: `flax-warmstart plan
+  /tmp/fws_example/old_run --init flax_warmstart.demo:new_state` (which passes
+  `rng=jax.random.key(--seed)`).
+  """
+  model = Classifier(encoder_name="backbone", num_classes=3)
+  params = model.init(jax.random.key(1) if rng is None else rng, jnp.zeros((1, 8)))["params"]
+  return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-2))
+
+
 def _train(state: train_state.TrainState, x: jax.Array, y: jax.Array, steps: int) -> train_state.TrainState:
   @jax.jit
   def step(state):
@@ -86,13 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     tmp = os.path.abspath(args.keep) if args.keep else scratch
     os.makedirs(tmp, exist_ok=True)
     with ocp.CheckpointManager(f"{tmp}/old_run") as mgr:
+      for earlier in mgr.all_steps():  # a rerun with --keep replaces the run it wrote before
+        mgr.delete(earlier)
       mgr.save(args.steps, args=ocp.args.StandardSave(old), force=True)
     print(f"Saved the old model after {args.steps} steps to {tmp}/old_run.")
 
-    new_model = Classifier(encoder_name="backbone", num_classes=3)
-    new = train_state.TrainState.create(
-      apply_fn=new_model.apply, params=new_model.init(jax.random.key(1), x)["params"], tx=tx
-    )
+    new = new_state(jax.random.key(1))
     settings = fws.WarmStartSettings(
       ckpt_to_initialize_from=f"{tmp}/old_run",
       # Parameters and their Adam slots of the encoder; the new head keeps its init.

@@ -218,3 +218,62 @@ def no_reads(monkeypatch):
   monkeypatch.setattr(ocp.StandardCheckpointHandler, "restore", fail)
   monkeypatch.setattr(checkpoint_lib, "restore", fail)
   monkeypatch.setattr(hostread.Read, "start", fail)
+
+
+# The new model as code, for `--init module:function`: a module written to a directory of its own.
+INIT_MODULE = "fws_cli_model"
+INIT_MODULE_SOURCE = '''"""A tiny Flax model for `flax-warmstart --init fws_cli_model:FUNCTION` (written by tests/conftest.py)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+
+class MLP(nn.Module):
+  features: int = 4
+  outputs: int = 2
+  encoder_name: str = "encoder"
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(self.features, name=self.encoder_name)(x))
+    return nn.Dense(self.outputs, name="head")(x)
+
+
+def create_state(rng, encoder_name="encoder", outputs=2, optimizer="adam"):
+  """A fresh TrainState, as conftest.make_state(..., steps=0) builds it (inputs of 3 features)."""
+  model = MLP(encoder_name=encoder_name, outputs=outputs)
+  params = model.init(rng, jnp.ones((2, 3)))["params"]
+  tx = optax.adam(1e-2) if optimizer == "adam" else optax.sgd(0.1, momentum=0.9)
+  return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+
+def create_variables(seed, encoder_name="encoder", outputs=2):
+  """Linen variables ({"params": ...}), from an integer seed."""
+  return MLP(encoder_name=encoder_name, outputs=outputs).init(jax.random.key(seed), jnp.ones((2, 3)))
+
+
+def abstract_state(encoder_name="encoder", outputs=2):
+  """The TrainState's abstract form only (jax.ShapeDtypeStruct leaves)."""
+  return jax.eval_shape(lambda: create_state(jax.random.key(0), encoder_name, outputs))
+
+
+def fails():
+  raise RuntimeError("the dataset is not mounted")
+
+
+NOT_A_FUNCTION = 3
+'''
+
+
+@pytest.fixture(scope="session")
+def init_module(tmp_path_factory):
+  """A directory holding `fws_cli_model.py` (INIT_MODULE_SOURCE): `--init fws_cli_model:create_state` from there.
+
+  Returns the module file's path; its directory is the `cwd` for `module:function`.
+  """
+  path = tmp_path_factory.mktemp("init_module") / f"{INIT_MODULE}.py"
+  path.write_text(INIT_MODULE_SOURCE)
+  return path

@@ -201,3 +201,13 @@ def test_metadata_falls_back_to_orbax_once_with_a_warning(tmp_path, monkeypatch,
   assert "slower public path" in warnings[0].getMessage() and "OSError: boom" in warnings[0].getMessage()
   monkeypatch.undo()
   assert open_orbax(path).variables["encoder/kernel"].shape == (2, 3)
+
+
+def test_checkpoint_rewritten_at_the_same_path_in_one_process(tmp_path):
+  """An OCDBT context caches a database's manifest by path: each opened checkpoint gets its own context."""
+  path = tmp_path / "ckpt"
+  for value in (1.0, 2.0):
+    shutil.rmtree(path, ignore_errors=True)
+    save_checkpoint(path, {"w": jnp.full((4,), value)})
+    out = fws.warm_start({"w": jnp.zeros(4)}, fws.WarmStartSettings(path))
+    np.testing.assert_array_equal(out["w"], np.full(4, value))

@@ -428,8 +428,10 @@ def open_arrays(source: OrbaxSource, names: Iterable[str]) -> dict[str, ts.Tenso
     {'w': (2, 3), 'step': ()}
   """
   use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(source.path)
-  context = ts_context(use_ocdbt)
-  stores = _opened(source.path, source.fingerprint).setdefault("stores", {})
+  entry = _opened(source.path, source.fingerprint)
+  # One TensorStore context per opened checkpoint (path and fingerprint): a rewrite gets a fresh one.
+  context = entry.setdefault("context", ts_context(use_ocdbt))
+  stores = entry.setdefault("stores", {})
   opened = {name: stores[name] for name in names if name in stores}
   opening = {}
   for name in names:

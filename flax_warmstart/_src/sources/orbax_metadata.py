@@ -8,7 +8,7 @@ itself (`InternalTreeMetadata.as_custom_metadata`, private) with only its
 concurrently through one key-value store (0.1 s), giving the same
 `ArrayMetadata` leaves minus the saved sharding, which nothing here uses.
 
-Tested with orbax-checkpoint 0.11 to 0.12 (`pyproject.toml` declares the
+Tested with orbax-checkpoint 0.11.31 to 0.12 (`pyproject.toml` declares the
 range). When the private modules move or anything else surprises, Orbax's own
 public `metadata()` is used: slower (about 20x in plan time for thousands of
 leaves), never wrong; the first such fallback is logged at WARNING.
@@ -85,11 +85,14 @@ def _warn_once(path: epath.Path, err: Exception) -> None:
 
 
 def ts_context(use_ocdbt: bool) -> ts.Context:
-  """Orbax's TensorStore context for a checkpoint (public API), one per kind."""
-  return _contexts.setdefault(use_ocdbt, ocp.type_handlers.get_ts_context(use_ocdbt=use_ocdbt))
+  """Orbax's TensorStore context for a checkpoint (public API): a new one per opened checkpoint.
 
-
-_contexts: dict[bool, ts.Context] = {}
+  Not shared between checkpoints: an OCDBT context caches each database's
+  manifest by path, and a checkpoint rewritten at the same path in the same
+  process would then fail with "Configuration mismatch on uuid". The caller
+  keeps one per checkpoint it opened (see `orbax._opened`).
+  """
+  return ocp.type_handlers.get_ts_context(use_ocdbt=use_ocdbt)
 
 
 class _ZarrArrayRegistry:
