@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -29,10 +29,37 @@
 # is generated here (no downloads).
 
 # %%
+# Installs flax_warmstart where this kernel cannot import it (it is not on PyPI):
+# * in a clone of its repository (this notebook in its notebooks/ folder), from the clone,
+#   `pip install -e ..`: nothing to set;
+# * anywhere else (Colab, a notebook downloaded on its own), from your copy of the repository:
+#   set SOURCE below to its path (e.g. "/content/flax_warmstart" after uploading or cloning it),
+#   or to anything else `pip install` takes (a wheel built with `pip wheel .` in the repository).
 try:
   import flax_warmstart as fws
-except ImportError:  # On Colab: install the package, then import it.
-  # %pip install -q flax_warmstart
+except ImportError:
+  SOURCE = None
+  import importlib
+  import pathlib
+  import sys
+
+  here = pathlib.Path.cwd().resolve()
+  roots = [d for d in (here, *here.parents) if (d / "pyproject.toml").is_file()]
+  clone = next((d for d in roots if (d / "flax_warmstart/__init__.py").is_file()), None)
+  if SOURCE:
+    # %pip install -q "{SOURCE}"
+    print("Installed flax_warmstart from", SOURCE)
+  elif clone:
+    # %pip install -q -e "{clone}"
+    sys.path.insert(0, str(clone))  # the editable install is seen by kernels started from now on; this one needs this
+  else:
+    raise ImportError(
+      "flax_warmstart is not installed, and this notebook does not run inside a clone of its repository (no"
+      f" pyproject.toml beside a flax_warmstart/ package in {here} or above). It is not on PyPI: get a copy of"
+      " the repository (upload or clone it), then set SOURCE in this cell to its path and run the cell again;"
+      " or run `pip install -e /path/to/the/repository` in a terminal and restart the kernel."
+    ) from None
+  importlib.invalidate_caches()
   import flax_warmstart as fws
 
 # %%

@@ -23,6 +23,17 @@ string literal, `"/runs/old"` -> `"<tmp_path>/runs/old"`; nothing else in a
 snippet is changed, and a snippet with any other absolute path fails. Gin
 blocks are parsed by gin after `import flax_warmstart.gin`, with their macros
 bound to the test's checkpoint.
+
+Shell commands: each line of a ```bash block that names DEMO_DIR
+("/tmp/fws_example", where `python -m flax_warmstart.demo --keep` writes the
+example's checkpoints and settings) runs, in order, in a fresh directory that
+takes DEMO_DIR's place; every other command must be in `NOT_RUN`, with the
+reason it is not run. Each `$ command` section of a ```text block must be the
+output of one of those commands: it is compared with what the command prints
+(stdout and stderr together), paths, sizes, timings and runs of spaces
+normalized, `...` standing for any text. The commands run in this process
+(`main(args)` of `flax_warmstart.cli`, or of the module of `python -m`), and,
+marked slow, each in a fresh Python as from a shell.
 """
 
 from __future__ import annotations
@@ -30,14 +41,21 @@ from __future__ import annotations
 import ast
 import contextlib
 import functools
+import importlib
 import io
 import itertools
 import json
+import logging
+import os
 import pathlib
 import re
+import shlex
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
+import absl.logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -55,6 +73,26 @@ README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 PLACEHOLDERS = ("/runs/old", "/runs/new", "/runs/pretrain", "/runs/lm", "/tmp")
 FENCE = re.compile(r"^```(.*)$")
 MARKER = re.compile(r"^<!-- snippet: (\S+) -->$")
+ROOT = README.parent
+# What a program started by a test runs: this checkout's flax_warmstart, JAX on the CPU.
+CHILD_ENV = {
+  **os.environ,
+  "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+  "JAX_PLATFORMS": "cpu",
+  # One CPU device, as on a user's machine (conftest.py gives this process eight).
+  "XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip(),
+}
+
+# ```bash commands: those naming DEMO_DIR (the files of `python -m flax_warmstart.demo --keep DEMO_DIR`) run,
+# in order, in a fresh directory; every other command must be listed here with the reason it is not run.
+DEMO_DIR = "/tmp/fws_example"
+NOT_RUN = {
+  'pip install -e ".[test]" && python -m flax_warmstart.demo': "changes the environment; .ci/run runs it on a clean clone",
+  "python -m pytest": "the test suite itself; .ci/run runs it",
+  'pip install -e ".[safetensors]"': "changes the environment",
+  "flax-warmstart inspect hf_model/model.safetensors.index.json --filter 'embed'": "the user's Hugging Face files",
+  "flax-warmstart inspect file:///runs/flax_run": "the user's Flax run directory (tests/test_cli.py reads file:// URLs)",
+}
 
 
 # ----------------------------------------------------------------------------
@@ -547,6 +585,40 @@ def rename_rules(snippet, tmp):
   assert out.step == old.step == 2  # [".*"] with no rule for it: loaded by its own name
 
 
+@setup("model_surgery")
+def model_surgery(snippet, tmp):
+  rng = np.random.default_rng(0)
+  old = {
+    "layers": {"k": rng.normal(size=(2, 3, 4))},
+    "block_0": {"k": rng.normal(size=(3, 4))},
+    "block_1": {"k": rng.normal(size=(3, 4))},
+    "wte": {"embedding": rng.normal(size=(5, 3))},
+    "attn": {"q_proj": {"kernel": rng.normal(size=(3, 4))}},
+    "mlp": {"k": rng.normal(size=(3, 4))},
+  }
+  old = jax.tree.map(lambda x: np.asarray(x, np.float32), old)
+  save_checkpoint(tmp / "runs/old", old)
+  shapes = {
+    "layers_0": {"k": (3, 4)},
+    "layers_1": {"k": (3, 4)},
+    "blocks": {"k": (2, 3, 4)},
+    "deep": {"k": (4, 3, 4)},
+    "lm_head": {"kernel": (3, 5)},
+    "attn": {"query": {"kernel": (3, 2, 2)}},
+    "moe": {"experts": {"k": (4, 3, 4)}, "router": {"kernel": (3, 4)}},
+  }
+  live = jax.tree.map(lambda shape: jnp.full(shape, -1.0), shapes, is_leaf=lambda x: isinstance(x, tuple))
+  ns, _ = run(snippet, tmp, state=live)
+  out = ns["state"]
+  np.testing.assert_array_equal(out["layers_1"]["k"], old["layers"]["k"][1])
+  np.testing.assert_array_equal(out["blocks"]["k"], np.stack([old["block_0"]["k"], old["block_1"]["k"]]))
+  np.testing.assert_array_equal(out["deep"]["k"], old["layers"]["k"][[0, 0, 1, 1]])
+  np.testing.assert_array_equal(out["lm_head"]["kernel"], old["wte"]["embedding"].T)
+  np.testing.assert_array_equal(out["attn"]["query"]["kernel"], old["attn"]["q_proj"]["kernel"].reshape(3, 2, 2))
+  np.testing.assert_array_equal(out["moe"]["experts"]["k"], np.broadcast_to(old["mlp"]["k"], (4, 3, 4)))
+  np.testing.assert_array_equal(out["moe"]["router"]["kernel"], live["moe"]["router"]["kernel"])  # fresh
+
+
 @setup("gin_t5x")
 def gin_t5x(snippet, tmp):
   def t5x_state(module, seed):
@@ -659,6 +731,47 @@ def nnx_(snippet, tmp):
   assert int(back.step) == 2
 
 
+@contextlib.contextmanager
+def logging_as_after_importing_orbax():
+  """Logging as in a program that imported Orbax first: absl's implicit `basicConfig()` handler on the root logger.
+
+  The handler is absl's own (one absl log call on a bare root logger makes it, as Orbax's import does), writing to
+  the StringIO yielded instead of stderr. Logging is restored after.
+  """
+  root, ours = logging.getLogger(), logging.getLogger("flax_warmstart")
+  saved = root.handlers[:], root.level, ours.level
+  root.handlers[:] = []
+  try:
+    absl.logging.vlog(1, "as Orbax's import does")
+    (handler,) = root.handlers
+    out = io.StringIO()
+    handler.setStream(out)
+    yield out
+  finally:
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    ours.setLevel(saved[2])
+
+
+@setup("logging")
+def logging_(snippet, tmp):
+  """The recipe works in a program that imported Orbax before configuring logging (a plain basicConfig would not)."""
+  save_checkpoint(tmp / "runs/old", {"encoder": {"kernel": np.ones((4, 4), np.float32)}})
+  state = {"encoder": {"kernel": jnp.zeros((4, 4), jnp.bfloat16)}}
+  with logging_as_after_importing_orbax() as out:
+    logging.basicConfig(level=logging.INFO)  # what does not work here, and why the README gives the recipe
+    fws.warm_start(state, str(tmp / "runs/old"))
+    assert out.getvalue() == ""
+    run(snippet, tmp)
+    fws.warm_start(state, str(tmp / "runs/old"))
+  lines = out.getvalue().splitlines()
+  assert any(
+    line.startswith(f"INFO:flax_warmstart:Warm-started 1 of 1 leaves from {tmp}/runs/old") for line in lines
+  ), lines
+  assert "INFO:flax_warmstart:Cast 1 leaves to the state's dtype: encoder/kernel (float32->bfloat16)." in lines, lines
+  assert all(line.startswith("INFO:flax_warmstart:") for line in lines), "other libraries' INFO shown too"
+
+
 # ----------------------------------------------------------------------------
 # Tests
 
@@ -695,3 +808,212 @@ def test_readme_snippet_runs(snippet, tmp_path, monkeypatch):
     )
   monkeypatch.chdir(tmp_path)
   SETUPS[snippet.marker](snippet, tmp_path)
+
+
+# ----------------------------------------------------------------------------
+# Shell commands and their output
+
+
+class Block(NamedTuple):
+  lang: str
+  line: int  # 1-based line of its first content line
+  lines: list[str]
+
+
+class Command(NamedTuple):
+  text: str  # as in the README, without a trailing `# comment`
+  line: int
+
+
+class Output(NamedTuple):
+  """A `$ command` of a ```text block and the output the README shows for it."""
+
+  command: str
+  line: int
+  text: str
+
+
+def blocks(text: str, lang: str) -> list[Block]:
+  """The ```lang blocks of a Markdown text."""
+  lines, out, i = text.split("\n"), [], 0
+  while i < len(lines):
+    fence = FENCE.match(lines[i])
+    end = next((j for j in range(i + 1, len(lines)) if lines[j].rstrip() == "```"), len(lines)) if fence else i
+    if fence and fence.group(1).strip() == lang:
+      out.append(Block(lang, i + 2, lines[i + 1 : end]))
+    i = end + 1
+  return out
+
+
+def commands(text: str) -> list[Command]:
+  """The commands of the ```bash blocks, one a line, each without its trailing comment."""
+  return [
+    Command(re.sub(r"\s+#\s.*$", "", line).strip(), block.line + k)
+    for block in blocks(text, "bash")
+    for k, line in enumerate(block.lines)
+    if line.strip() and not line.lstrip().startswith("#")
+  ]
+
+
+def outputs(text: str) -> tuple[list[Output], list[str]]:
+  """The `$ command` sections of the ```text blocks, and the problems of blocks that are not made of them."""
+  found, problems = [], []
+  for block in blocks(text, "text"):
+    starts = [k for k, line in enumerate(block.lines) if line.startswith("$ ")]
+    if not starts or any(line.strip() for line in block.lines[: starts[0]]):
+      problems.append(f"line {block.line}: a ```text block that does not start with a `$ command` line")
+    for a, b in zip(starts, [*starts[1:], len(block.lines)], strict=False):
+      shown = "\n".join(block.lines[a + 1 : b]).rstrip("\n")
+      found.append(Output(block.lines[a][2:].strip(), block.line + a, shown))
+  return found, problems
+
+
+README_TEXT = README.read_text()
+COMMANDS = commands(README_TEXT)
+RUN = [c for c in COMMANDS if DEMO_DIR in c.text]
+OUTPUTS, OUTPUT_PROBLEMS = outputs(README_TEXT)
+
+
+def argv(command: str, demo_dir: pathlib.Path) -> tuple[str, list[str]]:
+  """The module whose `main(args)` a README command runs, and its args, with DEMO_DIR moved to `demo_dir`."""
+  words = [word.replace(DEMO_DIR, str(demo_dir)) for word in shlex.split(command, comments=True)]
+  if words[0] == "flax-warmstart":
+    return "flax_warmstart.cli", words[1:]
+  if words[:2] == ["python", "-m"] and len(words) > 2:
+    return words[2], words[3:]
+  raise ValueError(f"README command {command!r}: only `python -m ...` and `flax-warmstart ...` commands can run here")
+
+
+class Ran(NamedTuple):
+  returncode: int
+  output: str  # stdout and stderr, as a terminal shows them
+
+
+def run_in_process(module: str, args: list[str]) -> Ran:
+  """`module.main(args)` in this process, its stdout and stderr captured together; logging restored after."""
+  root, ours = logging.getLogger(), logging.getLogger("flax_warmstart")
+  saved = root.handlers[:], root.level, ours.level
+  out = io.StringIO()
+  try:
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+      try:
+        code = importlib.import_module(module).main(args)
+      except SystemExit as exit_:  # argparse's usage errors
+        code = exit_.code if isinstance(exit_.code, int) else 1
+  finally:
+    root.handlers[:], _, _ = saved
+    root.setLevel(saved[1])
+    ours.setLevel(saved[2])
+  return Ran(code, out.getvalue())
+
+
+def run_in_subprocess(module: str, args: list[str]) -> Ran:
+  """`python -m module args` (the console script `flax-warmstart` is `-m flax_warmstart.cli`), as from a shell."""
+  proc = subprocess.run(
+    [sys.executable, "-m", module, *args],
+    env=CHILD_ENV,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    timeout=600,
+  )
+  return Ran(proc.returncode, proc.stdout)
+
+
+SIZE = re.compile(r"\b\d+(?:\.\d+)? (?:B|KiB|MiB|GiB|TiB)\b")
+TIME = re.compile(r"\b\d+(?:\.\d+)? ?(?:ms|s|sec|seconds)\b")
+
+
+def normalized(text: str, demo_dir: str | None = None) -> str:
+  """Paths to DEMO_DIR, sizes and timings to placeholders, runs of spaces to one, no trailing blanks."""
+  if demo_dir:
+    text = text.replace(demo_dir, DEMO_DIR)
+  text = TIME.sub("<time>", SIZE.sub("<size>", text))
+  return "\n".join(re.sub(r" +", " ", line).rstrip() for line in text.rstrip("\n").split("\n"))
+
+
+def shows(readme: str, actual: str) -> bool:
+  """Whether the README's (normalized) output matches the actual one; `...` stands for any text, lines included."""
+  pattern = ".*?".join(re.escape(part) for part in readme.split("..."))
+  return re.fullmatch(pattern, actual, re.DOTALL) is not None
+
+
+@pytest.fixture(
+  scope="module",
+  params=["in_process", pytest.param("subprocess", marks=pytest.mark.slow)],
+)
+def ran(request, tmp_path_factory) -> tuple[pathlib.Path, dict[str, Ran]]:
+  """Runs the README's runnable commands in order in a fresh directory: in this process (`main(args)` of each
+  module, fast) and, marked slow, each in its own Python as from a shell (what a user sees, logging included)."""
+  cwd = tmp_path_factory.mktemp("readme_shell")
+  demo_dir = cwd / "fws_example"
+  runner = run_in_process if request.param == "in_process" else run_in_subprocess
+  with contextlib.chdir(cwd):
+    return demo_dir, {command.text: runner(*argv(command.text, demo_dir)) for command in RUN}
+
+
+def test_readme_shell_commands_are_run_or_excused():
+  problems = list(OUTPUT_PROBLEMS)
+  texts = [c.text for c in COMMANDS]
+  for c in COMMANDS:
+    if DEMO_DIR not in c.text and c.text not in NOT_RUN:
+      problems.append(f"line {c.line}: `{c.text}` neither uses {DEMO_DIR} (the demo's files) nor is in NOT_RUN")
+    if DEMO_DIR in c.text:
+      try:
+        argv(c.text, pathlib.Path(DEMO_DIR))
+      except ValueError as err:
+        problems.append(f"line {c.line}: {err}")
+  problems += [
+    f"NOT_RUN lists `{text}`, which no ```bash block of the README has" for text in NOT_RUN if text not in texts
+  ]
+  run = [c.text for c in RUN]
+  problems += [
+    f"line {o.line}: the output of `$ {o.command}` is shown, but no ```bash block runs that command on {DEMO_DIR}"
+    for o in OUTPUTS
+    if o.command not in run
+  ]
+  assert not problems, "README.md:\n" + "\n".join(problems)
+  assert RUN and OUTPUTS
+
+
+def test_readme_shell_helpers():
+  text = (
+    "```bash\npip install x  # a comment\nflax-warmstart plan /tmp/fws_example/a\n```\n```text\n$ a\n1\n\n$ b\n```\n"
+  )
+  assert commands(text) == [Command("pip install x", 2), Command("flax-warmstart plan /tmp/fws_example/a", 3)]
+  assert outputs(text) == ([Output("a", 6, "1"), Output("b", 9, "")], [])
+  assert outputs("```text\nno command\n```\n")[1] == [
+    "line 2: a ```text block that does not start with a `$ command` line"
+  ]
+  assert normalized("/x/y@step 3: 1.7 KiB  in 0.25 s   \n", "/x/y") == f"{DEMO_DIR}@step 3: <size> in <time>"
+  assert shows("a\n...\nd", "a\nb\nc\nd") and shows("head/k...", "head/kernel, step") and not shows("a\nd", "a\nb\nd")
+  assert argv("flax-warmstart inspect /tmp/fws_example/old", pathlib.Path("/w")) == (
+    "flax_warmstart.cli",
+    ["inspect", "/w/old"],
+  )
+  assert argv("python -m flax_warmstart.demo --keep /tmp/fws_example", pathlib.Path("/w"))[1] == ["--keep", "/w"]
+
+
+@pytest.mark.parametrize("command", RUN, ids=[f"line{c.line}" for c in RUN])
+def test_readme_command_runs(command, ran):
+  _, results = ran
+  result = results[command.text]
+  assert result.returncode == 0, (
+    f"README.md line {command.line}: `{command.text}` exited {result.returncode}:\n{result.stdout}"
+  )
+
+
+@pytest.mark.parametrize("shown", OUTPUTS, ids=[f"line{o.line}" for o in OUTPUTS])
+def test_readme_output_is_the_commands(shown, ran):
+  demo_dir, results = ran
+  if shown.command not in results:
+    pytest.fail(
+      f"README.md line {shown.line}: `{shown.command}` is not run (see test_readme_shell_commands_are_run_or_excused)"
+    )
+  actual = results[shown.command].output.replace(str(demo_dir), DEMO_DIR)
+  if not shows(normalized(shown.text), normalized(actual)):
+    pytest.fail(
+      f"README.md line {shown.line}: the output shown for `$ {shown.command}` is not what it prints"
+      " (compared with paths, sizes, timings and runs of spaces normalized; `...` stands for any text)."
+      f"\n--- README.md shows:\n{shown.text}\n--- the command prints:\n{actual.rstrip()}"
+    )
