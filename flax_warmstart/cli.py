@@ -38,7 +38,7 @@ import jax
 import numpy as np
 import yaml
 
-from flax_warmstart._src.errors import WarmStartError, closest_names
+from flax_warmstart._src.errors import WarmStartError, closest_names, install_extra
 from flax_warmstart._src.execute import execute, execute_leaves, progress
 from flax_warmstart._src.init_from_code import cwd_importable, load_init, new_model
 from flax_warmstart._src.naming import flatten_state
@@ -375,8 +375,10 @@ def _settings_from_gin(
     import gin  # noqa: PLC0415 (optional extra)
 
     from flax_warmstart.gin import settings_from_gin  # noqa: PLC0415
-  except ImportError as err:
-    raise WarmStartError(f"{err} (needed by --gin_file, --gin_bindings and .gin settings)") from None
+  except ImportError:
+    raise WarmStartError(
+      f"--gin_file, --gin_bindings and .gin settings need gin-config, which is not installed: {install_extra('gin', 'gin-config')}."
+    ) from None
   gin.clear_config()  # cleared again when the command ends (`_fresh_gin`)
   return settings_from_gin(
     list(files),
@@ -446,7 +448,8 @@ def _diff(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_diff(d: dict[str, Any]) -> None:
-  print(f"{len(d['same'])} names match in shape and dtype.")
+  n = len(d["same"])
+  print(f"{n} {'name matches' if n == 1 else 'names match'} in shape and dtype.")
   for e in d["shape"]:
     print(f"shape differs: {e['name']}: {tuple(e['old'])} -> {tuple(e['new'])}")
   for e in d["dtype"]:

@@ -72,7 +72,9 @@ def _train(state: train_state.TrainState, x: jax.Array, y: jax.Array, steps: int
 
 def main(argv: list[str] | None = None) -> int:
   """Runs the example; returns 0 on success."""
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m flax_warmstart.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--steps", type=int, default=20, help="training steps of the old model")
   parser.add_argument(
     "--keep",

@@ -1,6 +1,6 @@
 """Gin bindings: `import flax_warmstart.gin` registers the public API as configurables.
 
-Needs the `gin` extra (`pip install "flax_warmstart[gin]"`). Names are stable,
+Needs the `gin` extra (`pip install -e ".[gin]"` in a clone, or `pip install gin-config`). Names are stable,
 under the module `flax_warmstart`, so a `.gin` file can say::
 
     import flax_warmstart.gin
@@ -32,15 +32,16 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
 try:
   import gin
 except ImportError as err:  # pragma: no cover - exercised without the extra
-  raise ImportError(
-    "flax_warmstart.gin needs gin-config: install the gin extra, pip install 'flax_warmstart[gin]'."
-  ) from err
+  from flax_warmstart._src.errors import install_extra
+
+  raise ImportError(f"flax_warmstart.gin needs gin-config: {install_extra('gin', 'gin-config')}.") from err
 
 import jax
 
@@ -218,4 +219,16 @@ def settings_from_gin(
   except WarmStartError:
     raise
   except Exception as err:  # noqa: BLE001 (Gin reports a bad config as many types: one message naming the file)
-    raise WarmStartError(f"Gin file {source}: {type(err).__name__}: {err}") from None
+    raise WarmStartError(f"Gin file {source}: {type(err).__name__}: {err}{_unbound_macro_hint(err)}") from None
+
+
+def _unbound_macro_hint(err: Exception) -> str:
+  """For Gin's error on a macro the config uses but never binds: which binding to add."""
+  found = re.search(r"configurable 'macro' .* in scope '([^']+)'", str(err))
+  if not isinstance(err, TypeError) or found is None:
+    return ""
+  name = found.group(1)
+  return (
+    f"\nThe macro %{name} is used but not bound: bind it, e.g. --gin_bindings '{name} = ...' on the command line"
+    f" (bindings=['{name} = ...'] in Python), or in a Gin file given after this one."
+  )

@@ -1,6 +1,7 @@
 """Gin bindings (flax_warmstart/gin.py): configurables, settings from .gin files, the CLI."""
 
 import json
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -185,6 +186,28 @@ def test_cli_gin_file_and_bindings(renamed):
   assert plan_rows(found) == only_rename
   both = run_cli("plan", old, new, "--settings", root / "rename.gin", *everything, "--json")
   assert plan_rows(both)["head/w"] == "load"
+
+
+def test_cli_unbound_macro_names_the_binding_to_add(renamed, tmp_path):
+  old, new, _ = renamed
+  (tmp_path / "vocab.gin").write_text(
+    "import flax_warmstart.gin\nflax_warmstart.WarmStartSettings.vars_to_warm_start = %SELECT\n"
+  )
+  result = run_cli("plan", old, new, "--gin_file", tmp_path / "vocab.gin")
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result
+  assert "The macro %SELECT is used but not bound: bind it, e.g. --gin_bindings 'SELECT = ...'" in result.stderr
+  bound = run_cli(
+    "plan", old, new, "--gin_file", tmp_path / "vocab.gin", "--gin_bindings", "SELECT = 'head/'", "--json"
+  )
+  assert plan_rows(bound) == {"backbone/w": "keep", "head/w": "load"}
+
+
+def test_cli_without_gin_config_says_how_to_install_it(renamed, monkeypatch):
+  old, new, root = renamed
+  monkeypatch.setitem(sys.modules, "gin", None)  # `import gin` raises ImportError, as without the extra
+  result = run_cli("plan", old, new, "--gin_file", root / "rename.gin")
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result
+  assert "need gin-config, which is not installed: pip install gin-config (the `gin` extra" in result.stderr
 
 
 def test_cli_gin_config_is_fresh_for_each_command(renamed):

@@ -304,11 +304,9 @@ def test_missing_extra_message_names_the_extra():
   )
   assert message == (
     "Reading Hugging Face tokenizer.json t.json (new_vocab) needs the optional package `tokenizers`:"
-    " pip install 'flax_warmstart[tokenizers]'"
+    " pip install tokenizers (the `tokenizers` extra; in a clone of flax_warmstart: pip install -e '.[tokenizers]')"
   )
-  assert "pip install 'flax_warmstart[sentencepiece]'" in tv.missing_extra_message(
-    "sentencepiece", "sentencepiece", "x"
-  )
+  assert "pip install -e '.[sentencepiece]'" in tv.missing_extra_message("sentencepiece", "sentencepiece", "x")
 
 
 def test_a_slow_transformers_tokenizer_gets_a_hint():
@@ -337,16 +335,31 @@ def test_tokenizer_paths_stay_paths_in_settings_files(tmp_path, spm_files):
   assert settings_from_dict(yaml.safe_load(yaml.safe_dump(data))) == settings
 
 
-def test_in_memory_tokenizer_cannot_be_serialized(spm_files):
+def test_in_memory_tokenizer_is_recorded_as_its_tokens(tmp_path, spm_files):
+  """Settings, plans and provenance record an in-memory tokenizer as its tokens in id order: exact and reloadable."""
   sp = spm.SentencePieceProcessor(model_file=spm_files[0])
-  settings = fws.WarmStartSettings("/runs/old", var_name_to_vocab_info={EMBED: fws.VocabInfo(spm_files[1], 4, 0, sp)})
-  with pytest.raises(fws.WarmStartError, match=r"var_name_to_vocab_info\['embedder/embedding'\]\.old_vocab is an"):
-    settings.to_dict()
-  with pytest.raises(fws.WarmStartError, match=r"settings files cannot hold: .*serialized_model_proto"):
-    settings.to_dict()
-  settings = fws.WarmStartSettings("/runs/old", var_name_to_vocab_info={EMBED: fws.VocabInfo(bpe(), 4, 0, ["a"])})
-  with pytest.raises(fws.WarmStartError, match=r"\.new_vocab is an in-memory tokenizer \(<Tokenizer, 12 tokens>\)"):
-    settings_to_dict(settings)
+  old_tokens = read_vocab(spm_files[0])
+  info = fws.VocabInfo(spm_files[1], len(read_vocab(spm_files[1])), 0, sp)
+  settings = fws.WarmStartSettings("/runs/old", var_name_to_vocab_info={EMBED: info})
+  data = settings.to_dict()
+  assert data["var_name_to_vocab_info"][EMBED]["old_vocab"] == old_tokens
+  assert settings_from_dict(json.loads(json.dumps(data))).var_name_to_vocab_info[EMBED].old_vocab == tuple(old_tokens)
+  data = settings_to_dict(
+    fws.WarmStartSettings("/runs/old", var_name_to_vocab_info={EMBED: fws.VocabInfo(bpe(), 4, 0, ["a"])})
+  )
+  assert data["var_name_to_vocab_info"][EMBED]["new_vocab"] == read_vocab(bpe())
+  # The plan of a real warm start with it, its provenance, and a warm start from the recorded settings agree.
+  old = old_table(len(old_tokens))
+  ckpt = save_checkpoint(tmp_path / "ckpt", {"embedder": {"embedding": jnp.asarray(old)}})
+  live = {"embedder": {"embedding": jnp.zeros((info.new_vocab_size, WIDTH), jnp.float32)}}
+  plan = fws.plan(live, fws.WarmStartSettings(ckpt, var_name_to_vocab_info={EMBED: info}))
+  record = json.loads(json.dumps(plan.provenance()))
+  assert record["leaves"][EMBED]["action"] == "load"
+  recorded = settings_from_dict(record["settings"][0])
+  assert recorded.var_name_to_vocab_info[EMBED].old_vocab == tuple(old_tokens)
+  out = fws.warm_start(live, plan=plan)["embedder"]["embedding"]
+  np.testing.assert_array_equal(out, fws.warm_start(live, recorded)["embedder"]["embedding"])
+  assert np.count_nonzero(np.asarray(out).any(axis=1)) > 0
 
 
 def test_command_line_plan_with_tokenizer_files(tmp_path, spm_files):

@@ -73,3 +73,16 @@ DAMAGED_HINT = (
   "The checkpoint's files may be incomplete or damaged; check that the save finished (a CheckpointManager"
   " step is final once its directory has no .orbax-checkpoint-tmp suffix)."
 )
+
+
+def install_extra(extra: str, package: str) -> str:
+  """How to install an optional package, for the messages of a missing one.
+
+  The project is installed from a clone (it is not on PyPI), so the extra is
+  named for `pip install -e`, and the package for installing it alone.
+
+  Examples:
+    >>> install_extra("gin", "gin-config")
+    "pip install gin-config (the `gin` extra; in a clone of flax_warmstart: pip install -e '.[gin]')"
+  """
+  return f"pip install {package} (the `{extra}` extra; in a clone of flax_warmstart: pip install -e '.[{extra}]')"

@@ -31,7 +31,7 @@ from flax_warmstart._src.settings import (
   _is_real,
   _show,
 )
-from flax_warmstart._src.tokenizer_vocab import is_tokenizer, serialization_error
+from flax_warmstart._src.tokenizer_vocab import is_tokenizer, tokens_from_tokenizer
 
 _PLAIN = {
   "zeros": jax.nn.initializers.zeros,
@@ -174,9 +174,9 @@ def _initializer_to_spec(init: Any) -> Any:
 
 
 def _path(value: Any, where: str) -> Any:
-  """A vocabulary as plain data: its path, or its tokens; an in-memory tokenizer is an error."""
+  """A vocabulary as plain data: its path, or its tokens (an in-memory tokenizer's in id order, as it maps rows)."""
   if is_tokenizer(value):
-    raise serialization_error(value, where)
+    return tokens_from_tokenizer(value, field=where)
   return os.fspath(value) if isinstance(value, str | os.PathLike) else list(value)
 
 

@@ -42,7 +42,7 @@ import os
 import sys
 from typing import Any
 
-from flax_warmstart._src.errors import WarmStartError
+from flax_warmstart._src.errors import WarmStartError, install_extra
 
 logger = logging.getLogger("flax_warmstart")
 
@@ -74,9 +74,9 @@ def missing_extra_message(package: str, extra: str, what: str) -> str:
 
   Examples:
     >>> missing_extra_message("sentencepiece", "sentencepiece", "SentencePiece model spm.model")
-    "Reading SentencePiece model spm.model needs the optional package `sentencepiece`: pip install 'flax_warmstart[sentencepiece]'"
+    "Reading SentencePiece model spm.model needs the optional package `sentencepiece`: pip install sentencepiece (the `sentencepiece` extra; in a clone of flax_warmstart: pip install -e '.[sentencepiece]')"
   """
-  return f"Reading {what} needs the optional package `{package}`: pip install 'flax_warmstart[{extra}]'"
+  return f"Reading {what} needs the optional package `{package}`: {install_extra(extra, package)}"
 
 
 def _import(package: str, extra: str, what: str) -> Any:
@@ -147,19 +147,6 @@ def describe_tokenizer(value: Any) -> str:
   hf = _hf_tokenizer(value)
   size = hf.get_vocab_size(with_added_tokens=True) if hf is not None else "?"
   return f"<{type(value).__name__}, {size} tokens>"
-
-
-def serialization_error(value: Any, where: str) -> WarmStartError:
-  """The error for an in-memory tokenizer in settings written to JSON/YAML: files hold its path instead."""
-  save = (
-    "write it with `open(path, 'wb').write(sp.serialized_model_proto())`"
-    if _sp_processor(value) is not None
-    else "write it with `tokenizer.save(path)` (for a transformers tokenizer, `tokenizer.save_pretrained(dir)`)"
-  )
-  return WarmStartError(
-    f"{where} is an in-memory tokenizer ({describe_tokenizer(value)}), which settings files cannot hold: {save}"
-    " and give that file's path instead."
-  )
 
 
 # --------------------------------------------------------------------------- file kinds

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import jax
 import numpy as np
 
-from flax_warmstart._src.errors import DAMAGED_HINT, WarmStartError
+from flax_warmstart._src.errors import DAMAGED_HINT, WarmStartError, install_extra
 from flax_warmstart._src.naming import Variable, flatten_checkpoint_tree
 from flax_warmstart._src.sources.base import Source
 
@@ -493,5 +493,5 @@ def require(module: str, extra: str, what: str) -> Any:
     return importlib.import_module(module)
   except ImportError as err:
     raise MissingExtraError(
-      f"{what} needs the {module!r} package, which is not installed: pip install 'flax_warmstart[{extra}]'."
+      f"{what} needs the {module!r} package, which is not installed: {install_extra(extra, module)}."
     ) from err
