@@ -184,7 +184,7 @@ def _regions(mesh, spec, shape):
 def count_decodes(monkeypatch):
   """Counts how often each stored chunk is decoded (streamed or read through TensorStore)."""
   decoded = []
-  blocks, scatter = hostread._blocks, hostread._scatter_chunk
+  blocks, scatter = hostread.row_blocks, hostread._scatter_chunk
 
   def counting_blocks(chunk, *args):
     decoded.append(chunk.key)
@@ -195,7 +195,7 @@ def count_decodes(monkeypatch):
       decoded.append(".".join(map(str, position)))
     return scatter(store, grid, position, *args)
 
-  monkeypatch.setattr(hostread, "_blocks", counting_blocks)
+  monkeypatch.setattr(hostread, "row_blocks", counting_blocks)
   monkeypatch.setattr(hostread, "_scatter_chunk", counting_scatter)
   return decoded
 
@@ -212,7 +212,7 @@ def test_gather_shards_decodes_each_old_chunk_once(
   from jax.sharding import PartitionSpec as P
 
   if not streamed:
-    monkeypatch.setattr(hostread, "_zarr2_grid", lambda store: None)
+    monkeypatch.setattr(hostread, "zarr2_grid", lambda store: None)
   monkeypatch.setattr(hostread, "_GRID_PIECE_BYTES", 96)  # several blocks and byte ranges per chunk
   rng = np.random.default_rng(axis)
   old = rng.normal(size=(12, 16) if axis == 0 else (16, 12)).astype(np.float32)  # vocabulary of 12 on `axis`
@@ -264,7 +264,7 @@ def test_gather_shards_reads_a_missing_chunk_as_its_fill_value(tmp_path):
   store = ts.open(spec, create=True).result()
   store[:4].write(np.ones((4, 4), np.float32)).result()  # chunk 1.0 stays missing
   store = ts.open({"driver": "zarr", "kvstore": spec["kvstore"]}).result()
-  assert hostread._zarr2_grid(store) is not None
+  assert hostread.zarr2_grid(store) is not None
   index = np.array([6, 0, -1, 5])
   outs, reads = hostread.gather_shards(store, index, (4, 4), np.float32, 0, [(slice(0, 2),), (slice(2, 4),)])
   hostread.run(reads, max_bytes_in_flight=1 << 20)

@@ -181,8 +181,8 @@ def test_a_sharded_remap_decodes_each_old_chunk_once(monkeypatch, tmp_path, mesh
   expected = fws.warm_start({"t": np.zeros(shape, np.float32)}, settings)["t"]  # the host path
   seen = _orbax_targets(monkeypatch)
   decoded = []
-  blocks = hostread._blocks
-  monkeypatch.setattr(hostread, "_blocks", lambda chunk, *a: (decoded.append(chunk.key), blocks(chunk, *a))[1])
+  blocks = hostread.row_blocks
+  monkeypatch.setattr(hostread, "row_blocks", lambda chunk, *a: (decoded.append(chunk.key), blocks(chunk, *a))[1])
   sharding = NamedSharding(mesh, P("a", "b"))
   abstract = {"t": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)}
   out = fws.warm_start(abstract, settings, init_fn=lambda: {"t": jnp.zeros(shape)})["t"]

@@ -198,7 +198,7 @@ def _decodes(monkeypatch):
   from flax_warmstart._src import chain, hostread
 
   counts: dict[str, int] = {}
-  decoded = hostread._decoded
+  decoded = hostread.decoded_stream
 
   def counting(chunk, *args, **kwargs):
     key = chunk.kvstore.path + chunk.key
@@ -208,7 +208,7 @@ def _decodes(monkeypatch):
   def no_slice_read(store, index, out, label):
     raise AssertionError(f"{label} was read through TensorStore")
 
-  monkeypatch.setattr(hostread, "_decoded", counting)
+  monkeypatch.setattr(hostread, "decoded_stream", counting)
   monkeypatch.setattr(chain, "_read_into", no_slice_read)
   return counts
 

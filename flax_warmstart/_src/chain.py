@@ -142,7 +142,7 @@ def _nbytes(store: ts.TensorStore) -> int:
 
 def _one_chunk(store: ts.TensorStore) -> Any:
   """The array's single stored chunk when it can be streamed (zarr v2, one C-order chunk, zstd or raw), else None."""
-  grid = hostread._zarr2_grid(store)
+  grid = hostread.zarr2_grid(store)
   if grid is None or grid.chunks != tuple(store.shape):
     return None
   return grid.chunk((0,) * store.ndim)
@@ -154,7 +154,7 @@ def _stream_slices(
   """Decodes `chunk` once, up to the last row any slice needs, into every slice's buffer."""
   try:
     _stream_parts(chunk, parts, piece)
-  except hostread._MissingChunkError:  # not stored (only the fill value; raised before any write): TensorStore knows it
+  except hostread.MissingChunkError:  # not stored (only the fill value; raised before any write): TensorStore knows it
     for node, out, _ in parts:
       index = _index(node)
       np.copyto(out, (store[index] if index else store).read().result(), casting="unsafe")
@@ -169,7 +169,7 @@ def _stream_parts(chunk: Any, parts: Sequence[tuple[Node, np.ndarray, str]], pie
   if _in_stream_order(chunk, targets):
     _decode_into(chunk, targets, piece)
     return
-  for start, block in hostread._blocks(chunk, max(region[0][1] for region, _ in targets), piece):
+  for start, block in hostread.row_blocks(chunk, max(region[0][1] for region, _ in targets), piece):
     stop = start + len(block)
     for region, out in targets:
       (a, b), rest = region[0], region[1:]
@@ -198,15 +198,15 @@ def _decode_into(chunk: Any, targets: Sequence[tuple[tuple[tuple[int, int], ...]
   """Decodes the chunk up to the last slice, each slice straight into its buffer, the rows between into scratch."""
   row_bytes = math.prod(chunk.shape[1:]) * chunk.dtype.itemsize
   scratch, position = None, 0
-  with hostread._decoded(chunk, piece) as stream:
+  with hostread.decoded_stream(chunk, piece) as stream:
     for region, out in targets:
       skip = (region[0][0] - position) * row_bytes
       while skip:
         scratch = np.empty(min(piece, skip), np.uint8) if scratch is None else scratch
         n = min(skip, len(scratch))
-        hostread._fill(stream, memoryview(scratch)[:n])
+        hostread.read_exactly(stream, memoryview(scratch)[:n])
         skip -= n
-      hostread._fill(stream, memoryview(out.reshape(-1).view(np.uint8)))
+      hostread.read_exactly(stream, memoryview(out.reshape(-1).view(np.uint8)))
       position = region[0][1]
 
 

@@ -306,7 +306,7 @@ def gather_shards(
     return [r.out for r in reads], reads
   outs = [aligned_empty(tuple(b - a for a, b in box), dtype) for box in boxes]
   kept = [_sorted_kept(index[a:b]) for a, b in (box[axis] for box in boxes)]
-  grid = _zarr2_grid(store) if isinstance(store, ts.TensorStore) else None
+  grid = zarr2_grid(store) if isinstance(store, ts.TensorStore) else None
   tasks = []
   for position in positions:
     targets = [t for k, box in enumerate(boxes) if (t := _target(outs[k], box, kept[k], position, chunks, axis))]
@@ -454,11 +454,11 @@ def _scatter_chunk(
     limit = max(t.chunk_box[0][1] for t in targets)
   if grid is not None:
     try:
-      for start, block in _blocks(grid.chunk(position), limit, _GRID_PIECE_BYTES):
+      for start, block in row_blocks(grid.chunk(position), limit, _GRID_PIECE_BYTES):
         for t in targets:
           _put(t, axis, start, block)
       return
-    except _MissingChunkError:  # only the fill value: TensorStore knows it
+    except MissingChunkError:  # only the fill value: TensorStore knows it
       pass
   box = tuple(
     slice(p * c, min(p * c + (limit if d == 0 else c), n))
@@ -525,13 +525,13 @@ def _single_chunk(store: ts.TensorStore) -> _Chunk | None:
   # The size first: `spec().to_json()` keeps memory per call (tensorstore 0.1.86), so only large arrays pay it.
   if not shape or math.prod(shape) * store.dtype.numpy_dtype.itemsize < _STREAM_BYTES:
     return None
-  grid = _zarr2_grid(store)
+  grid = zarr2_grid(store)
   if grid is None or grid.chunks != shape:
     return None
   return grid.chunk((0,) * len(shape))
 
 
-def _zarr2_grid(store: ts.TensorStore) -> _Grid | None:
+def zarr2_grid(store: ts.TensorStore) -> _Grid | None:
   """The array's chunk grid when its chunks can be streamed (zarr v2, C order, zstd or raw, untransformed), else None."""
   shape = tuple(store.shape)
   try:
@@ -564,7 +564,7 @@ def _zarr2_grid(store: ts.TensorStore) -> _Grid | None:
   return _Grid(store.kvstore, meta.get("dimension_separator", "."), compressor is not None, dtype, chunks)
 
 
-class _MissingChunkError(ValueError):
+class MissingChunkError(ValueError):
   """A chunk that is not stored (it holds only the fill value)."""
 
 
@@ -593,7 +593,7 @@ class _PieceReader(io.RawIOBase):
     except ValueError:  # OUT_OF_RANGE: the last piece is shorter; read to the end.
       result = self._kvstore.read(self._key, byte_range=slice(self._offset, None)).result()
     if result.state != "value":
-      raise _MissingChunkError(f"The chunk {self._key!r} of {self._kvstore.path!r} is missing.")
+      raise MissingChunkError(f"The chunk {self._key!r} of {self._kvstore.path!r} is missing.")
     self._data, self._pos = result.value, 0
     self._offset += len(self._data)
     self._done = len(self._data) < self._piece
@@ -621,12 +621,16 @@ class _PieceReader(io.RawIOBase):
     return n
 
 
-def _decoded(chunk: _Chunk, piece: int = _PIECE_BYTES) -> io.RawIOBase:
+def decoded_stream(chunk: _Chunk, piece: int = _PIECE_BYTES) -> io.RawIOBase:
+  """The chunk's decoded bytes as a stream, its stored bytes read in `piece`-byte ranges (zstd or raw).
+
+  Raises `MissingChunkError` before any byte is returned if the chunk is not stored.
+  """
   reader = _PieceReader(chunk, piece)
   return zstandard.ZstdDecompressor().stream_reader(reader, read_size=piece) if chunk.zstd else reader
 
 
-def _fill(stream: Any, buffer: memoryview) -> None:
+def read_exactly(stream: Any, buffer: memoryview) -> None:
   """Reads exactly `len(buffer)` bytes into `buffer`."""
   done = 0
   while done < len(buffer):
@@ -636,25 +640,25 @@ def _fill(stream: Any, buffer: memoryview) -> None:
     done += n
 
 
-def _blocks(chunk: _Chunk, rows_limit: int, piece: int = _PIECE_BYTES) -> Iterator[tuple[int, np.ndarray]]:
+def row_blocks(chunk: _Chunk, rows_limit: int, piece: int = _PIECE_BYTES) -> Iterator[tuple[int, np.ndarray]]:
   """`(first row, block)` along axis 0 of the decoded chunk, a scratch block reused, up to row `rows_limit`."""
   row_elems = math.prod(chunk.shape[1:])
   per_block = max(1, piece // max(1, row_elems * chunk.dtype.itemsize))
   scratch = np.empty(per_block * row_elems, chunk.dtype)
-  with _decoded(chunk, piece) as stream:
+  with decoded_stream(chunk, piece) as stream:
     for start in range(0, rows_limit, per_block):
       n = min(per_block, rows_limit - start)
       block = scratch[: n * row_elems]
-      _fill(stream, memoryview(block.view(np.uint8)))
+      read_exactly(stream, memoryview(block.view(np.uint8)))
       yield start, block.reshape((n, *chunk.shape[1:]))
 
 
 def _stream_whole(chunk: _Chunk, out: np.ndarray) -> None:
   if out.dtype == chunk.dtype:  # decompressed straight into the output
-    with _decoded(chunk) as stream:
-      _fill(stream, memoryview(out.reshape(-1).view(np.uint8)))
+    with decoded_stream(chunk) as stream:
+      read_exactly(stream, memoryview(out.reshape(-1).view(np.uint8)))
     return
-  for start, block in _blocks(chunk, chunk.shape[0]):
+  for start, block in row_blocks(chunk, chunk.shape[0]):
     out[start : start + len(block)] = block
 
 
@@ -662,13 +666,13 @@ def _stream_rows(chunk: _Chunk, out: np.ndarray, index: np.ndarray, axis: int) -
   kept = np.flatnonzero(index >= 0)
   if axis == 1:  # rows of the old table are the leading entries of axis 0 of the new one
     old_cols = index[kept]
-    for start, block in _blocks(chunk, out.shape[0]):
+    for start, block in row_blocks(chunk, out.shape[0]):
       out[start : start + len(block), kept] = block[:, old_cols]
     return
   order = np.argsort(index[kept], kind="stable")
   old, new = index[kept][order], kept[order]
   cursor = 0
-  for start, block in _blocks(chunk, int(old[-1]) + 1 if old.size else 0):  # up to the last row kept
+  for start, block in row_blocks(chunk, int(old[-1]) + 1 if old.size else 0):  # up to the last row kept
     end = int(np.searchsorted(old, start + len(block)))
     out[new[cursor:end]] = block[old[cursor:end] - start]
     cursor = end
