@@ -282,7 +282,7 @@ def test_gather_shards_falls_back_to_a_read_per_region(tmp_path, mesh, monkeypat
     store = old
   else:
     store = _stores(_save_sharded(tmp_path / "ckpt", old, mesh, P("a", "b")), ["t"])["t"]
-    monkeypatch.setattr(hostread, "_MAX_GATHER_CHUNKS", 2)
+    monkeypatch.setattr(hostread, "MAX_GATHER_CHUNKS", 2)
   index = np.array([11, -1, 0, 5, 6, 3, -1, 2])
   regions = _regions(mesh, P("a", "b"), (8, 16))
   outs, reads = hostread.gather_shards(store, index, (8, 16), np.float32, 0, regions)

@@ -177,6 +177,9 @@ def test_missing_package_names_the_extra(single, monkeypatch):
     return real(name, *args)
 
   monkeypatch.setattr(importlib, "import_module", fake)
-  with pytest.raises(ImportError, match=r"pip install 'flax_warmstart\[safetensors\]'") as err:
+  with pytest.raises(
+    ImportError,
+    match=r"pip install safetensors \(the `safetensors` extra; in a clone of flax_warmstart: pip install -e '\.\[safetensors\]'\)",
+  ) as err:
     fws.list_variables(single)
   assert isinstance(err.value, fws.WarmStartError)

@@ -36,6 +36,7 @@ twice but for one leaf's transpose or reshape.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -100,40 +101,107 @@ def _read_into(store: Any, index: tuple[Any, ...], out: np.ndarray, label: str) 
   )
 
 
-class _SlicedArrays:
-  """The slices of saved arrays that the leaves read, gathered per array so that each is decoded once.
+# A slice read: its box in the saved array (`(start, stop)` per axis), the axes of the box dropped in its buffer, the
+# buffer, and what is read for messages.
+_Part = tuple[tuple[tuple[int, int], ...], tuple[int, ...], np.ndarray, str]
 
-  `add` defers a slice read; `reads` then makes one streamed read per saved
-  array that is a single stored chunk and either has several slices read or
-  is at least `_STREAM_BYTES` (a layer of a `Stack`, decoded straight into
-  its slot: TensorStore would decode it into a temporary and copy it), and a
-  TensorStore read per slice of every other array (its chunks hold only a
-  few slices, or it is small).
+
+class _SlicedArrays:
+  """The slices of saved arrays that the leaves read, gathered per array so that each stored chunk is decoded once.
+
+  `add` defers a slice read; `reads` then makes, per saved array:
+
+  * one streamed read when the array is a single stored chunk and either has
+    several slices read or is at least `_STREAM_BYTES` (a layer of a `Stack`,
+    decoded straight into its slot: TensorStore would decode it into a
+    temporary and copy it);
+  * one read per stored chunk when the array has several chunks and some
+    chunk holds parts of several slices (the layers of a scanned stack saved
+    from a mesh, each layer's shards read by the shards of unrolled leaves):
+    TensorStore decodes that chunk once and each slice's part is copied out;
+  * else a TensorStore read per slice (its chunks hold only one slice each).
   """
 
   def __init__(self) -> None:
-    self._by_store: dict[int, tuple[Any, list[tuple[Node, np.ndarray, str]]]] = {}
+    self._by_store: dict[int, tuple[Any, list[_Part]]] = {}
 
-  def add(self, store: ts.TensorStore, node: Node, out: np.ndarray, label: str) -> None:
-    self._by_store.setdefault(id(store), (store, []))[1].append((node, out, label))
+  def add(
+    self, store: ts.TensorStore, box: tuple[tuple[int, int], ...], squeeze: tuple[int, ...], out: np.ndarray, label: str
+  ) -> None:
+    self._by_store.setdefault(id(store), (store, []))[1].append((box, squeeze, out, label))
 
   def reads(self) -> list[hostread.Read]:
     reads = []
     for store, parts in self._by_store.values():
       nbytes = _nbytes(store)
       chunk = _one_chunk(store) if len(parts) > 1 or nbytes >= _STREAM_BYTES else None
-      if chunk is None:
-        reads.extend(_read_into(store, _index(node), out, label) for node, out, label in parts)
-        continue
-      piece = min(_PIECE_BYTES, nbytes)
-      label = f"{parts[0][0].name!r} for {len(parts)} slices, {parts[0][2]}"
-      # In flight: a decoded piece and the stored piece prefetched, not the outputs (allocated already).
-      reads.append(
-        hostread.Read(
-          None, 2 * piece, lambda s=store, c=chunk, p=parts, n=piece: _threads.submit(_stream_slices, s, c, p, n), label
+      if chunk is not None:
+        piece = min(_PIECE_BYTES, nbytes)
+        label = f"{len(parts)} slices of {parts[0][3]}"
+        # In flight: a decoded piece and the stored piece prefetched, not the outputs (allocated already).
+        reads.append(
+          hostread.Read(
+            None,
+            2 * piece,
+            lambda s=store, c=chunk, p=parts, n=piece: _threads.submit(_stream_slices, s, c, p, n),
+            label,
+          )
         )
-      )
+        continue
+      by_chunk = _shared_chunks(store, parts) if len(parts) > 1 else None
+      if by_chunk is None:
+        reads.extend(_read_into(store, _slices(box, squeeze), out, label) for box, squeeze, out, label in parts)
+        continue
+      for box, targets in by_chunk.items():
+        chunk_bytes = math.prod(b - a for a, b in box) * store.dtype.numpy_dtype.itemsize
+        label = f"a chunk {box} of {len(targets)} slices of {targets[0][3]}"
+        # In flight: the decoded chunk and TensorStore's own copy of it while it decodes.
+        reads.append(
+          hostread.Read(
+            None, 2 * chunk_bytes, lambda s=store, b=box, t=targets: _threads.submit(_copy_chunk, s, b, t), label
+          )
+        )
     return reads
+
+
+def _slices(box: tuple[tuple[int, int], ...], squeeze: tuple[int, ...]) -> tuple[Any, ...]:
+  """The index of a box: slices, and an int for each squeezed axis."""
+  return tuple(a if k in squeeze else slice(a, b) for k, (a, b) in enumerate(box))
+
+
+def _shared_chunks(
+  store: ts.TensorStore, parts: Sequence[_Part]
+) -> dict[tuple[tuple[int, int], ...], list[_Part]] | None:
+  """Stored chunk box -> the parts it holds, when some chunk holds several parts (else None: read each part alone)."""
+  chunks = hostread.chunk_shape(store)
+  if chunks is None:
+    return None
+  shape = tuple(store.shape)
+  spans = [[range(a // c, -(-b // c)) for (a, b), c in zip(box, chunks, strict=True)] for box, *_ in parts]
+  if sum(math.prod(len(r) for r in span) for span in spans) > hostread.MAX_GATHER_CHUNKS:
+    return None
+  by_chunk: dict[tuple[tuple[int, int], ...], list[_Part]] = {}
+  for part, span in zip(parts, spans, strict=True):
+    for position in itertools.product(*span):
+      box = tuple((p * c, min((p + 1) * c, n)) for p, c, n in zip(position, chunks, shape, strict=True))
+      by_chunk.setdefault(box, []).append(part)
+  if all(len(targets) == 1 for targets in by_chunk.values()):
+    return None
+  return by_chunk
+
+
+def _copy_chunk(store: ts.TensorStore, box: tuple[tuple[int, int], ...], targets: Sequence[_Part]) -> None:
+  """Reads one stored chunk (TensorStore decodes it once) and copies each slice's part of it into its buffer."""
+  block = store[tuple(slice(a, b) for a, b in box)].read().result()
+  for part_box, squeeze, out, _ in targets:
+    inner = tuple((max(a, c), min(b, d)) for (a, b), (c, d) in zip(part_box, box, strict=True))
+    if any(a >= b for a, b in inner):
+      continue
+    source = block[tuple(slice(a - c, b - c) for (a, b), (c, _) in zip(inner, box, strict=True))]
+    view = np.expand_dims(out, squeeze) if squeeze else out
+    np.copyto(
+      view[tuple(slice(a - c, b - c) for (a, b), (c, _) in zip(inner, part_box, strict=True))], source, casting="unsafe"
+    )
 
 
 def _nbytes(store: ts.TensorStore) -> int:
@@ -148,23 +216,17 @@ def _one_chunk(store: ts.TensorStore) -> Any:
   return grid.chunk((0,) * store.ndim)
 
 
-def _stream_slices(
-  store: ts.TensorStore, chunk: Any, parts: Sequence[tuple[Node, np.ndarray, str]], piece: int
-) -> None:
+def _stream_slices(store: ts.TensorStore, chunk: Any, parts: Sequence[_Part], piece: int) -> None:
   """Decodes `chunk` once, up to the last row any slice needs, into every slice's buffer."""
   try:
     _stream_parts(chunk, parts, piece)
   except hostread.MissingChunkError:  # not stored (only the fill value; raised before any write): TensorStore knows it
-    for node, out, _ in parts:
-      index = _index(node)
-      np.copyto(out, (store[index] if index else store).read().result(), casting="unsafe")
+    for box, squeeze, out, _ in parts:
+      np.copyto(out, store[_slices(box, squeeze)].read().result(), casting="unsafe")
 
 
-def _stream_parts(chunk: Any, parts: Sequence[tuple[Node, np.ndarray, str]], piece: int) -> None:
-  targets = []
-  for node, out, _ in parts:
-    region = node.region if node.region is not None else tuple((0, d) for d in chunk.shape)
-    targets.append((region, np.expand_dims(out, node.squeeze) if node.squeeze else out))
+def _stream_parts(chunk: Any, parts: Sequence[_Part], piece: int) -> None:
+  targets = [(box, np.expand_dims(out, squeeze) if squeeze else out) for box, squeeze, out, _ in parts]
   targets.sort(key=lambda t: t[0][0])
   if _in_stream_order(chunk, targets):
     _decode_into(chunk, targets, piece)
@@ -216,13 +278,25 @@ class _Inputs:
   def __init__(self, stores: Mapping[str, Any], restored: dict[str, Any], sliced: _SlicedArrays, label: str) -> None:
     self.stores, self.restored, self.sliced, self.label = stores, restored, sliced, label
 
-  def _read(self, reads: list[hostread.Read], node: Node, out: np.ndarray, label: str) -> None:
-    """Reads `node` (a read of a tensor, or of one slice of it) into `out`: slices are gathered per tensor."""
+  def _read(
+    self,
+    reads: list[hostread.Read],
+    node: Node,
+    out: np.ndarray,
+    label: str,
+    region: tuple[tuple[int, int], ...] | None = None,
+  ) -> None:
+    """Reads `node` (a read of a tensor, or of one slice of it), or `region` of its value, into `out`.
+
+    Slices of a TensorStore array are gathered per array (`_SlicedArrays`).
+    """
     store = self.stores[node.name]
-    if isinstance(store, ts.TensorStore) and (node.region is not None or _nbytes(store) >= _STREAM_BYTES):
-      self.sliced.add(store, node, out, label)
+    box = _box(node, tuple(store.shape), region)
+    whole = box == tuple((0, d) for d in store.shape)
+    if isinstance(store, ts.TensorStore) and (not whole or _nbytes(store) >= _STREAM_BYTES):
+      self.sliced.add(store, box, node.squeeze, out, label)
     else:
-      reads.append(_read_into(store, _index(node), out, label))
+      reads.append(_read_into(store, _slices(box, node.squeeze) if not whole else (), out, label))
 
   def prepare(self, node: Node, reads: list[hostread.Read], key: jax.Array | None) -> Thunk:
     """Adds the node's reads to `reads`; returns a function computing its value once they are done."""
@@ -287,12 +361,11 @@ class _Inputs:
     shape = tuple(b - a for a, b in region)
     label = f"{node.name!r} ({self.label})"
     if node.op == "read":
-      index = _compose(node, region)
-      store = self.stores.get(node.name)
-      if store is None:
+      if node.name not in self.stores:
+        index = _slices(_box(node, np.shape(self.restored[node.name]), region), node.squeeze)
         return lambda: np.asarray(self.restored[node.name][index])
       out = aligned_empty(shape, node.dtype)
-      reads.append(_read_into(store, index, out, label))
+      self._read(reads, node, out, label, region)
       return lambda: out
     if node.op == "zeros":
       return lambda: _zeros(shape, node.dtype)
@@ -305,7 +378,7 @@ class _Inputs:
       for k in range(a, b):
         arg, slot = node.args[k], (slice(None),) * ax + (k - a,)
         if arg.op == "read" and arg.name in self.stores:  # each layer's part straight into its slot
-          reads.append(_read_into(self.stores[arg.name], _compose(arg, inner_region), out[slot], label))
+          self._read(reads, arg, out[slot], label, inner_region)
         else:
           later.append((slot, self.prepare_region(arg, inner_region, reads, key)))
 
@@ -363,17 +436,20 @@ def _zero_mask(value: np.ndarray, axis: int, zero: Sequence[bool] | None) -> np.
   return value
 
 
-def _compose(node: Node, region: tuple[tuple[int, int], ...]) -> tuple[Any, ...]:
-  """The index into a read node's tensor of a region of its value (its own slice, squeezed axes kept as ints)."""
-  if node.region is None:
-    return tuple(slice(a, b) for a, b in region)
+def _box(
+  node: Node, shape: tuple[int, ...], region: tuple[tuple[int, int], ...] | None = None
+) -> tuple[tuple[int, int], ...]:
+  """The box in a read node's tensor (of `shape`) of `region` of its value (all of it if None); squeezed axes 1 wide."""
+  own = node.region if node.region is not None else tuple((0, d) for d in shape)
+  if region is None:
+    return tuple(own)
   out, k = [], 0
-  for axis, (start, _) in enumerate(node.region):
+  for axis, (start, stop) in enumerate(own):
     if axis in node.squeeze:
-      out.append(start)
+      out.append((start, stop))
     else:
       a, b = region[k]
-      out.append(slice(start + a, start + b))
+      out.append((start + a, start + b))
       k += 1
   return tuple(out)
 

@@ -51,7 +51,7 @@ _PIECE_BYTES = 1 << 24
 # The byte ranges (and scratch blocks) of a chunk streamed for `gather_shards`: several stream at once.
 _GRID_PIECE_BYTES = 1 << 20
 # A gather over more old chunks than this reads shard by shard (`rows`): chunks that small are cheap to decode twice.
-_MAX_GATHER_CHUNKS = 4096
+MAX_GATHER_CHUNKS = 4096
 
 
 @dataclasses.dataclass
@@ -295,9 +295,9 @@ def gather_shards(
   if any(store.shape[d] < shape[d] for d in range(len(shape)) if d != axis):
     raise ValueError(f"The old table {tuple(store.shape)} is smaller than {shape} off axis {axis}.")
   boxes = [_box(r, shape) for r in regions]
-  chunks = _chunk_shape(store)
+  chunks = chunk_shape(store)
   positions = None if chunks is None else _needed_chunks(index, axis, boxes, chunks, tuple(store.shape))
-  if positions is None or len(positions) > _MAX_GATHER_CHUNKS:
+  if positions is None or len(positions) > MAX_GATHER_CHUNKS:
     reads = []
     for box in boxes:
       window = tuple(slice(a, b) for a, b in box)
@@ -351,7 +351,7 @@ def _box(region: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, 
   return tuple(out)
 
 
-def _chunk_shape(store: Any) -> tuple[int, ...] | None:
+def chunk_shape(store: Any) -> tuple[int, ...] | None:
   """The shape of the chunks TensorStore reads whole (grid at the origin, domain from 0), or None."""
   if not isinstance(store, ts.TensorStore) or not store.shape:
     return None
@@ -391,7 +391,7 @@ def _needed_chunks(
         if b > a:
           needed.update(range(a // c, (min(b, old_shape[d]) - 1) // c + 1))
     per_axis.append(sorted(needed))
-  if math.prod(len(p) for p in per_axis) > _MAX_GATHER_CHUNKS:
+  if math.prod(len(p) for p in per_axis) > MAX_GATHER_CHUNKS:
     return None
   return [tuple(p) for p in itertools.product(*per_axis)]
 
