@@ -524,6 +524,24 @@ def test_every_transform_shard_by_shard_equals_one_device(tmp_path, mesh):
   np.testing.assert_allclose(one["moe"].mean(axis=1), stacked[1], rtol=0.5)
 
 
+def test_a_sharded_reshape_reads_its_input_once(tmp_path, mesh, monkeypatch):
+  """A Reshape cannot map a shard back to a box of its input: the input is read and held once for all the shards."""
+  flat = np.arange(12 * 8, dtype=np.float32)
+  path = save_checkpoint(tmp_path / "ckpt", {"flat": flat})
+  reads = []
+  read_into = chain._read_into
+  monkeypatch.setattr(
+    chain,
+    "_read_into",
+    lambda store, index, out, label: (reads.append(out.shape), read_into(store, index, out, label))[1],
+  )
+  live = {"heads": jax.device_put(jnp.zeros((12, 2, 4)), NamedSharding(mesh, P("b", "a")))}
+  out = fws.warm_start(live, fws.WarmStartSettings(path, ".*", rename_rules=[("heads", fws.Reshape("flat"))]))
+  assert out["heads"].sharding == live["heads"].sharding
+  np.testing.assert_array_equal(out["heads"], flat.reshape(12, 2, 4))
+  assert reads == [(96,)], reads  # 8 shards, one read
+
+
 def _rchar():
   with open("/proc/self/io") as f:
     return next(int(line.split()[1]) for line in f if line.startswith("rchar"))

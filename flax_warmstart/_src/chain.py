@@ -277,6 +277,7 @@ class _Inputs:
 
   def __init__(self, stores: Mapping[str, Any], restored: dict[str, Any], sliced: _SlicedArrays, label: str) -> None:
     self.stores, self.restored, self.sliced, self.label = stores, restored, sliced, label
+    self._whole: dict[int, Thunk] = {}  # a node computed whole for its regions (a reshape): read and held once
 
   def _read(
     self,
@@ -414,9 +415,24 @@ class _Inputs:
       inner_region = region[:ax] + region[ax + 1 :]
       inner = self.prepare_region(child, inner_region, reads, key)
       return lambda: _broadcast(inner(), node, key, experts=range(a, b), region=inner_region)
-    whole = self.prepare(node, reads, key)  # a reshape: its input whole, then the region
+    # A reshape: computed whole once for all the leaf's regions (shards), each region then copied out of it.
+    whole = self._whole.get(id(node))
+    if whole is None:
+      whole = self._whole[id(node)] = _once(self.prepare(node, reads, key))
     window = tuple(slice(lo, hi) for lo, hi in region)
     return lambda: np.array(whole()[window])
+
+
+def _once(thunk: Thunk) -> Thunk:
+  """`thunk`, computed on the first call only."""
+  value: list[np.ndarray] = []
+
+  def cached() -> np.ndarray:
+    if not value:
+      value.append(thunk())
+    return value[0]
+
+  return cached
 
 
 def _zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
