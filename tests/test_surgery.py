@@ -542,6 +542,17 @@ def test_a_sharded_reshape_reads_its_input_once(tmp_path, mesh, monkeypatch):
   assert reads == [(96,)], reads  # 8 shards, one read
 
 
+def test_broadcast_noise_of_a_window_is_that_window_of_the_whole():
+  """A shard draws only the noise blocks its rows fall in; every window gets the whole tensor's numbers."""
+  key, shape = jax.random.key(3), (600, 5)
+  whole = chain._noise(key, shape, ())
+  assert whole.shape == shape and 0.9 < whole.std() < 1.1
+  for rows, cols in [((0, 600), (0, 5)), ((250, 520), (1, 4)), ((256, 512), (0, 5)), ((599, 600), (2, 3))]:
+    window = (slice(*rows), slice(*cols))
+    np.testing.assert_array_equal(chain._noise(key, shape, window), whole[window])
+  assert chain._noise(key, (), ()).shape == ()
+
+
 def _rchar():
   with open("/proc/self/io") as f:
     return next(int(line.split()[1]) for line in f if line.startswith("rchar"))

@@ -481,7 +481,8 @@ def _broadcast(
   """Copies of `value` along a new axis, each times `1 + noise * N(0, 1)` (drawn per copy).
 
   With `experts` and `region` (a device's shard): those copies of that region
-  of the dense tensor, with the same noise as the whole leaf's.
+  of the dense tensor, with the same noise as the whole leaf's, drawing only
+  the noise of the rows it holds (`_noise`).
   """
   experts = range(node.shape[node.axis]) if experts is None else experts
   out = aligned_empty((*value.shape[: node.axis], len(experts), *value.shape[node.axis :]), node.dtype)
@@ -490,11 +491,36 @@ def _broadcast(
   for k, e in enumerate(experts):
     slot = (slice(None),) * node.axis + (k,)
     if node.param:
-      noise = np.asarray(jax.random.normal(jax.random.fold_in(key, e), dense_shape, np.float32))[window]
-      out[slot] = value * (1 + node.param * noise)
+      out[slot] = value * (1 + node.param * _noise(jax.random.fold_in(key, e), dense_shape, window))
     else:
       out[slot] = value
   return out
+
+
+# A Broadcast's noise is drawn in blocks of this many entries of the dense tensor's first axis, each from its own key,
+# so that a shard draws only the blocks its rows fall in, and every sharding gets the same numbers.
+_NOISE_ROWS = 256
+
+
+def _noise(key: jax.Array, shape: tuple[int, ...], window: tuple[slice, ...]) -> np.ndarray:
+  """Standard normal float32 noise for `window` of a tensor of `shape`: block b of rows from `fold_in(key, b)`."""
+  if not shape:
+    return np.asarray(jax.random.normal(key, (), np.float32))
+  rows = shape[0]
+  a, b = window[0].indices(rows)[:2] if window else (0, rows)
+  if a >= b:
+    return np.zeros((0, *shape[1:]), np.float32)[(slice(None), *window[1:])]
+  first, last = a // _NOISE_ROWS, (b - 1) // _NOISE_ROWS
+  blocks = [
+    np.asarray(
+      jax.random.normal(
+        jax.random.fold_in(key, block), (min(_NOISE_ROWS, rows - block * _NOISE_ROWS), *shape[1:]), np.float32
+      )
+    )
+    for block in range(first, last + 1)
+  ]
+  drawn = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+  return drawn[(slice(a - first * _NOISE_ROWS, b - first * _NOISE_ROWS), *window[1:])]
 
 
 def _aligned(value: np.ndarray) -> np.ndarray:
