@@ -547,8 +547,8 @@ def test_broadcast_noise_of_a_window_is_that_window_of_the_whole():
   key, shape = jax.random.key(3), (600, 5)
   whole = chain._noise(key, shape, ())
   assert whole.shape == shape and 0.9 < whole.std() < 1.1
-  for rows, cols in [((0, 600), (0, 5)), ((250, 520), (1, 4)), ((256, 512), (0, 5)), ((599, 600), (2, 3))]:
-    window = (slice(*rows), slice(*cols))
+  for lines, cols in [((0, 600), (0, 5)), ((250, 520), (1, 4)), ((256, 512), (0, 5)), ((599, 600), (2, 3))]:
+    window = (slice(*lines), slice(*cols))
     np.testing.assert_array_equal(chain._noise(key, shape, window), whole[window])
   assert chain._noise(key, (), ()).shape == ()
 
