@@ -116,6 +116,13 @@ def test_logging_counts_and_names(old_ckpt, caplog):
   assert any("4 of 14 leaves" in m and "kept" in m for m in info), info
   debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
   assert "Warm-starting variable: encoder/kernel; prev_var_name: Unchanged" in debug
+  # As TensorFlow: one line per variable warm-started (4 of 14), none for those kept, initialised or reset.
+  assert len([m for m in debug if m.startswith("Warm-starting variable:")]) == 4, debug
+  caplog.clear()
+  with caplog.at_level(logging.DEBUG, logger="flax_warmstart"):  # from the abstract state: 10 leaves initialised
+    fws.warm_start(jax.eval_shape(lambda: new), old_ckpt, init_fn=lambda: new)
+  debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+  assert len([m for m in debug if m.startswith("Warm-starting variable:")]) == 4, debug
 
 
 def test_float_to_int_cast_warns(tmp_path, caplog):

@@ -308,13 +308,10 @@ def _kind(dtype: np.dtype) -> str:
 
 def _log(plan: WarmStartPlan) -> None:
   logger.info("Warm-started %s.", plan.summary())
-  for row in plan.leaves:
-    if row.action is not Action.KEEP:
-      logger.debug(
-        "Warm-starting variable: %s; prev_var_name: %s",
-        row.name,
-        row.source if row.source != row.name else "Unchanged",
-      )
+  for row in plan.loaded:  # TF's DEBUG line for each variable warm-started (not those initialised or reset)
+    logger.debug(
+      "Warm-starting variable: %s; prev_var_name: %s", row.name, row.source if row.source != row.name else "Unchanged"
+    )
   for row in plan.loaded:
     if row.remap is not None and row.remap.follows is None:
       stats = ", ".join(f"{n} {k}" for k, n in row.remap.mapping.stats().items())
