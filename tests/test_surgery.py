@@ -524,6 +524,21 @@ def test_every_transform_shard_by_shard_equals_one_device(tmp_path, mesh):
   np.testing.assert_allclose(one["moe"].mean(axis=1), stacked[1], rtol=0.5)
 
 
+def test_sharded_unstack_from_a_flax_msgpack_file(tmp_path, mesh):
+  """A Flax msgpack file's arrays are numpy arrays, not TensorStores: each shard's box is sliced out of them."""
+  from flax import serialization
+
+  stacked = np.arange(N * 8 * 12, dtype=np.float32).reshape(N, 8, 12)
+  path = tmp_path / "ckpt.msgpack"
+  path.write_bytes(serialization.msgpack_serialize({"layers": {"k": stacked}}))
+  spec = NamedSharding(mesh, P("a", "b"))
+  live = {f"layers_{i}": {"k": jax.device_put(jnp.zeros((8, 12)), spec)} for i in range(N)}
+  out = fws.warm_start(live, fws.WarmStartSettings(path, ".*", rename_rules=UNSTACK))
+  for i in range(N):
+    assert out[f"layers_{i}"]["k"].sharding == spec
+    np.testing.assert_array_equal(out[f"layers_{i}"]["k"], stacked[i])
+
+
 def test_a_sharded_reshape_reads_its_input_once(tmp_path, mesh, monkeypatch):
   """A Reshape cannot map a shard back to a box of its input: the input is read and held once for all the shards."""
   flat = np.arange(12 * 8, dtype=np.float32)

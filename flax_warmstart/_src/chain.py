@@ -79,13 +79,6 @@ def _has_noise(node: Node) -> bool:
   return (node.op == "broadcast" and bool(node.param)) or any(_has_noise(a) for a in node.args)
 
 
-def _index(node: Node) -> tuple[Any, ...]:
-  """A read node's index into its tensor: slices, and an int for each squeezed axis."""
-  if node.region is None:
-    return ()
-  return tuple(a if k in node.squeeze else slice(a, b) for k, (a, b) in enumerate(node.region))
-
-
 def _read_into(store: Any, index: tuple[Any, ...], out: np.ndarray, label: str) -> hostread.Read:
   """A read of `store[index]` straight into `out` (a buffer, or a slot of one), cast to its dtype."""
   if isinstance(store, ts.TensorStore):
@@ -299,14 +292,18 @@ class _Inputs:
     else:
       reads.append(_read_into(store, _slices(box, node.squeeze) if not whole else (), out, label))
 
+  def _restored(self, node: Node, region: tuple[tuple[int, int], ...] | None = None) -> Thunk:
+    """A read node (or `region` of its value) of a tensor the source restored whole."""
+    value = self.restored[node.name]
+    index = _slices(_box(node, np.shape(value), region), node.squeeze)
+    return lambda: np.asarray(value[index])
+
   def prepare(self, node: Node, reads: list[hostread.Read], key: jax.Array | None) -> Thunk:
     """Adds the node's reads to `reads`; returns a function computing its value once they are done."""
     label = f"{node.name!r} ({self.label})"
     if node.op == "read":
-      store = self.stores.get(node.name)
-      if store is None:
-        index = _index(node)
-        return lambda: np.asarray(self.restored[node.name][index] if index else self.restored[node.name])
+      if node.name not in self.stores:
+        return self._restored(node)
       out = aligned_empty(node.shape, node.dtype)
       self._read(reads, node, out, label)
       return lambda: out
@@ -363,8 +360,7 @@ class _Inputs:
     label = f"{node.name!r} ({self.label})"
     if node.op == "read":
       if node.name not in self.stores:
-        index = _slices(_box(node, np.shape(self.restored[node.name]), region), node.squeeze)
-        return lambda: np.asarray(self.restored[node.name][index])
+        return self._restored(node, region)
       out = aligned_empty(shape, node.dtype)
       self._read(reads, node, out, label, region)
       return lambda: out
